@@ -1,0 +1,136 @@
+"""The ``zeitwork`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from edge import __version__
+from edge.config import ConfigError, EdgeConfig, ProxyLimits, parse_networks
+from edge.routing import FileRouteProvider, RoutesError
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def size(text: str) -> int:
+    """A byte size such as ``65536``, ``64k`` or ``100m``."""
+    value = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = value[-1:] if value[-1:] in _SIZE_UNITS else ""
+    number = value[: len(value) - len(unit)]
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 65536, 64k or 100m")
+    return int(number) * _SIZE_UNITS[unit]
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zeitwork", description="Zeitwork platform")
+    parser.add_argument("--version", action="version", version=f"zeitwork {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    edge = commands.add_parser("edge", help="run the edge reverse proxy")
+    edge.add_argument(
+        "--routes",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="routes file (JSON, reloaded on SIGHUP)",
+    )
+    edge.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    edge.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
+    edge.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: the number of CPUs)"
+    )
+    edge.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="peer whose X-Forwarded-* and X-Request-Id are kept (repeatable)",
+    )
+    edge.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    d = ProxyLimits()
+    limits = edge.add_argument_group("limits and timeouts")
+    limits.add_argument("--max-header-size", type=size, default=d.max_header_size)
+    limits.add_argument("--max-body-size", type=size, default=d.max_body_size)
+    limits.add_argument("--header-timeout", type=seconds, default=d.header_timeout)
+    limits.add_argument("--body-timeout", type=seconds, default=d.body_timeout)
+    limits.add_argument("--keepalive-timeout", type=seconds, default=d.keepalive_timeout)
+    limits.add_argument(
+        "--upstream-connect-timeout", type=seconds, default=d.upstream_connect_timeout
+    )
+    limits.add_argument(
+        "--upstream-timeout",
+        type=seconds,
+        default=d.upstream_response_timeout,
+        help="longest silence of an instance while answering",
+    )
+    limits.add_argument("--upstream-idle-timeout", type=seconds, default=d.upstream_idle_timeout)
+    limits.add_argument(
+        "--upstream-max-idle",
+        type=int,
+        default=d.upstream_max_idle,
+        help="idle kept-alive connections per instance",
+    )
+    limits.add_argument("--retries", type=int, default=d.retries)
+    limits.add_argument("--shutdown-timeout", type=seconds, default=d.shutdown_timeout)
+    return parser
+
+
+def edge_config(args: argparse.Namespace) -> EdgeConfig:
+    limits = ProxyLimits(
+        max_header_size=args.max_header_size,
+        max_body_size=args.max_body_size,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keepalive_timeout=args.keepalive_timeout,
+        upstream_connect_timeout=args.upstream_connect_timeout,
+        upstream_response_timeout=args.upstream_timeout,
+        upstream_idle_timeout=args.upstream_idle_timeout,
+        upstream_max_idle=args.upstream_max_idle,
+        retries=args.retries,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    kwargs = {}
+    if args.workers is not None:
+        kwargs["workers"] = args.workers
+    return EdgeConfig(
+        routes_path=args.routes,
+        http_host=args.host,
+        http_port=args.http_port,
+        trusted_proxies=parse_networks(args.trusted_proxy),
+        limits=limits,
+        **kwargs,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "edge":
+        try:
+            config = edge_config(args)
+            # Fail at start, in the terminal, on a routes file the workers could not load.
+            FileRouteProvider(config.routes_path).load_sync()
+        except (ConfigError, RoutesError) as exc:
+            parser.exit(2, f"zeitwork edge: error: {exc}\n")
+        # Imported here so `zeitwork --help` does not load uvloop and the proxy.
+        from edge.server import Master, setup_logging  # noqa: PLC0415
+
+        setup_logging(args.log_level)
+        return Master(config, args.log_level).run()
+    parser.error(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Typed configuration of the edge, built without side effects.
+
+The CLI turns flags into an :class:`EdgeConfig`; nothing here opens a socket or a file.
+Values are validated on construction so a bad option fails at start with a message that
+names it, never later on the hot path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyLimits:
+    """Sizes and timeouts of the proxy (seconds and bytes)."""
+
+    max_header_size: int = 64 * 1024
+    max_body_size: int = 100 * 1024 * 1024
+    # Slowloris guard: a request head must arrive completely within this time.
+    header_timeout: float = 10.0
+    # A request body that stalls for this long is abandoned with 408.
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 60.0
+    upstream_connect_timeout: float = 5.0
+    # Longest silence from an instance while its response is awaited or streamed.
+    upstream_response_timeout: float = 60.0
+    # Idle pooled upstream connections are closed after this; kept short so an instance's
+    # own keep-alive timeout rarely closes one under us.
+    upstream_idle_timeout: float = 30.0
+    upstream_max_idle: int = 64
+    # Idle WebSocket (or other upgraded) tunnels are closed after this.
+    tunnel_idle_timeout: float = 3600.0
+    # Retries on another instance when connecting failed or a reused connection was found
+    # closed before anything of the request was consumed.
+    retries: int = 1
+    write_high_water: int = 256 * 1024
+    shutdown_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_header_size", "max_body_size", "upstream_max_idle", "write_high_water"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.retries < 0:
+            raise ConfigError(f"retries must be >= 0, got {self.retries}")
+        for name in (
+            "header_timeout",
+            "body_timeout",
+            "keepalive_timeout",
+            "upstream_connect_timeout",
+            "upstream_response_timeout",
+            "upstream_idle_timeout",
+            "tunnel_idle_timeout",
+            "shutdown_timeout",
+        ):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
+
+    @property
+    def tick(self) -> float:
+        """How often the worker's clock advances and deadlines are checked."""
+        shortest = min(
+            self.header_timeout,
+            self.body_timeout,
+            self.keepalive_timeout,
+            self.upstream_connect_timeout,
+            self.upstream_response_timeout,
+            self.upstream_idle_timeout,
+        )
+        return max(0.02, min(1.0, shortest / 5))
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeConfig:
+    routes_path: Path
+    http_host: str = "0.0.0.0"
+    http_port: int = 8000
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    limits: ProxyLimits = field(default_factory=ProxyLimits)
+    backlog: int = 2048
+
+    def __post_init__(self) -> None:
+        if not 0 < self.http_port < 65536:
+            raise ConfigError(f"http port must be 1-65535, got {self.http_port}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {self.workers}")
+        if self.backlog < 1:
+            raise ConfigError(f"backlog must be positive, got {self.backlog}")
+
+
+def parse_networks(values: list[str]) -> tuple[IPNetwork, ...]:
+    """Parse ``--trusted-proxy`` values (addresses or CIDR networks)."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError as exc:
+            raise ConfigError(f"trusted proxy {value!r} is not an IP address or network") from exc
+    return tuple(networks)

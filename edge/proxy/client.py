@@ -1,0 +1,689 @@
+"""Client side of the proxy: parses requests with httptools and hands them to upstreams.
+
+One :class:`ClientConnection` per accepted socket. Requests are :class:`Exchange` objects
+served strictly in order: a pipelined request waits in a queue (and reading pauses) until the
+response before it is complete. The proxy answers itself only what it must: malformed or
+over-limit requests, unknown hosts, and instances that cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from edge.proxy.http import (
+    ALLOWED_METHODS,
+    CONTINUE_100,
+    VIA_TOKEN,
+    RequestRejected,
+    error_response,
+)
+
+if TYPE_CHECKING:
+    from edge.proxy.upstream import UpstreamConnection, UpstreamPool
+    from edge.proxy.worker import ProxyWorker, Route
+
+log = logging.getLogger("edge.proxy")
+
+INF = float("inf")
+
+# Reasons for which reading from the client is paused (a bit mask).
+_PAUSE_UPSTREAM = 1  # the upstream's write buffer is above its high-water mark
+_PAUSE_PIPELINE = 2  # a pipelined request waits for the response before it
+_PAUSE_BUFFER = 4  # request body buffered while the upstream connection is being opened
+_PAUSE_DEAD = 8  # the parser failed or the connection is closing: never read again
+
+# Request headers handled specially; all others are forwarded as they are.
+_H_DROP = 1
+_H_HOST = 2
+_H_CONTENT_LENGTH = 3
+_H_TE = 4
+_H_CONNECTION = 5
+_H_UPGRADE = 6
+_H_EXPECT = 7
+_H_XFF = 8
+_H_XFP = 9
+_H_XFH = 10
+_H_REQUEST_ID = 11
+_H_VIA = 12
+REQUEST_SPECIAL = {
+    b"host": _H_HOST,
+    b"content-length": _H_CONTENT_LENGTH,
+    b"transfer-encoding": _H_TE,
+    b"connection": _H_CONNECTION,
+    b"upgrade": _H_UPGRADE,
+    b"expect": _H_EXPECT,
+    b"x-forwarded-for": _H_XFF,
+    b"x-forwarded-proto": _H_XFP,
+    b"x-forwarded-host": _H_XFH,
+    b"x-request-id": _H_REQUEST_ID,
+    b"via": _H_VIA,
+    b"keep-alive": _H_DROP,
+    b"proxy-connection": _H_DROP,
+    b"proxy-authenticate": _H_DROP,
+    b"proxy-authorization": _H_DROP,
+    b"te": _H_DROP,
+    b"trailer": _H_DROP,
+}
+
+
+class Exchange:
+    """One request and its response."""
+
+    __slots__ = (
+        "attempts",
+        "body_len",
+        "body_sent",
+        "chunked",
+        "error",
+        "expect_continue",
+        "finished",
+        "head",
+        "head_sent",
+        "is_head",
+        "keep_alive",
+        "out",
+        "out_size",
+        "request_done",
+        "request_id",
+        "route",
+        "tried",
+        "upgrade",
+        "upstream",
+        "version_11",
+    )
+
+    def __init__(self) -> None:
+        self.head = b""
+        self.head_sent = False
+        self.out: list[bytes] = []
+        self.out_size = 0  # body bytes in ``out`` not yet written upstream
+        self.body_len = 0
+        self.body_sent = False
+        self.chunked = False
+        self.request_done = False
+        self.finished = False
+        self.keep_alive = True
+        self.version_11 = True
+        self.is_head = False
+        self.expect_continue = False
+        self.upgrade = False
+        self.error: RequestRejected | None = None
+        self.route: Route | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.request_id = b""
+        self.attempts = 0
+        self.tried: UpstreamPool | None = None
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "active",
+        "closing",
+        "cur",
+        "deadline",
+        "feeding",
+        "head_size",
+        "headers",
+        "limits",
+        "parser",
+        "paused",
+        "peer",
+        "queue",
+        "transport",
+        "trusted",
+        "tunnel",
+        "tunnel_buf",
+        "url",
+        "worker",
+        "write_paused",
+    )
+
+    def __init__(self, worker: ProxyWorker) -> None:
+        self.worker = worker
+        self.limits = worker.limits
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.cur: Exchange | None = None  # being parsed
+        self.active: Exchange | None = None  # being answered
+        self.queue: deque[Exchange] | None = None  # parsed, waiting their turn
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.paused = 0
+        self.write_paused = False
+        self.closing = False
+        self.deadline = INF
+        self.feeding = False
+        self.peer = b""
+        self.trusted = False
+        self.tunnel: UpstreamConnection | None = None
+        self.tunnel_buf: list[bytes] | None = None
+
+    # -- transport callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        ip = peer[0] if peer else ""
+        self.peer = ip.encode()
+        self.trusted = self.worker.is_trusted(ip)
+        transport.set_write_buffer_limits(high=self.limits.write_high_water)
+        self.worker.clients.add(self)
+        # A connection that never sends a request is closed like an idle keep-alive one.
+        self.deadline = self.worker.now + self.limits.header_timeout
+        if self.worker.shutting_down:
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.worker.clients.discard(self)
+        self._release_all()
+
+    def _release_all(self) -> None:
+        """Drop every exchange; their upstream connections are mid-use and are discarded."""
+        if self.tunnel is not None:
+            tunnel, self.tunnel = self.tunnel, None
+            tunnel.detach_from_client()
+        exchanges = [ex for ex in (self.active, self.cur) if ex is not None]
+        if self.queue:
+            exchanges += self.queue
+        self.active = self.cur = None
+        self.queue = None
+        for ex in exchanges:
+            ex.finished = True
+            if ex.upstream is not None:
+                ex.upstream.detach_from_client()
+
+    def eof_received(self) -> bool:
+        # The client half-closed. A request still arriving can never complete; one that is
+        # complete still gets its response before the connection closes.
+        if self.cur is not None or (self.active is None and not self.queue):
+            self.close()
+            return False
+        if self.active is not None:
+            self.active.keep_alive = False
+        for ex in self.queue or ():
+            ex.keep_alive = False
+        return True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        up = self.tunnel or (self.active.upstream if self.active is not None else None)
+        if up is not None and up.transport is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        up = self.tunnel or (self.active.upstream if self.active is not None else None)
+        if up is not None and up.transport is not None:
+            up.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.deadline = self.worker.now + self.limits.tunnel_idle_timeout
+            if tunnel.transport is not None:
+                tunnel.transport.write(data)
+            return
+        if self.tunnel_buf is not None:
+            self.tunnel_buf.append(data)
+            return
+        self.feeding = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade_pending(data[exc.args[0] :])
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if not isinstance(cause, RequestRejected):
+                raise
+            self._reject(cause)
+        except httptools.HttpParserError as exc:
+            self._reject(RequestRejected(400, f"malformed request: {exc}"))
+        finally:
+            self.feeding = False
+        ex = self.active
+        if ex is not None and ex.out and ex.upstream is not None:
+            ex.upstream.flush_request()
+
+    # -- request parsing -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.cur = Exchange()
+        self.url = b""
+        self.headers = []
+        self.head_size = 0
+        self.deadline = self.worker.now + self.limits.header_timeout
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_size += len(url)
+        if self.head_size > self.limits.max_header_size:
+            raise RequestRejected(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.limits.max_header_size:
+            raise RequestRejected(431, "request header fields too large")
+        ex = self.cur
+        if ex is not None and not ex.head:
+            self.headers.append((name, value))
+        # else: a trailer field of a chunked body; not forwarded.
+
+    def on_headers_complete(self) -> None:
+        ex = self.cur
+        assert ex is not None
+        parser = self.parser
+        worker = self.worker
+        version = parser.get_http_version()
+        if version == "1.1":
+            pass
+        elif version == "1.0":
+            ex.version_11 = False
+        else:
+            raise RequestRejected(505, f"HTTP/{version} is not supported")
+        method = parser.get_method()
+        if method == b"CONNECT":
+            raise RequestRejected(405, "CONNECT is not allowed", close=True)
+        ex.is_head = method == b"HEAD"
+
+        host = None
+        host_count = 0
+        content_length = te = connection = upgrade = expect = None
+        xff = xfp = xfh = request_id = via = None
+        parts = [method, b" ", b"", b" HTTP/1.1\r\n"]
+        for name, value in self.headers:
+            code = REQUEST_SPECIAL.get(name.lower())
+            if code is None:
+                parts += (name, b": ", value, b"\r\n")
+            elif code == _H_HOST:
+                host_count += 1
+                host = value
+                parts += (name, b": ", value, b"\r\n")
+            elif code == _H_CONTENT_LENGTH:
+                content_length = value
+            elif code == _H_TE:
+                te = value if te is None else te + b"," + value
+            elif code == _H_CONNECTION:
+                connection = value if connection is None else connection + b"," + value
+            elif code == _H_XFF:
+                xff = value if xff is None else xff + b", " + value
+            elif code == _H_XFP:
+                xfp = value
+            elif code == _H_XFH:
+                xfh = value
+            elif code == _H_REQUEST_ID:
+                request_id = value
+            elif code == _H_VIA:
+                via = value if via is None else via + b", " + value
+            elif code == _H_UPGRADE:
+                upgrade = value
+            elif code == _H_EXPECT:
+                expect = value
+
+        if host_count != 1 or not host:
+            raise RequestRejected(
+                400, "missing Host header" if host_count == 0 else "exactly one Host header needed"
+            )
+        if te is not None:
+            if te.strip().lower() != b"chunked":
+                raise RequestRejected(400, "Transfer-Encoding other than chunked")
+            ex.chunked = True
+            if not ex.version_11:
+                ex.keep_alive = False
+        elif content_length is not None:
+            size = int(content_length)
+            if size > self.limits.max_body_size:
+                raise RequestRejected(413, "request body too large")
+        has_body = ex.chunked or (content_length is not None and content_length != b"0")
+        if expect is not None:
+            if expect.lower() != b"100-continue":
+                raise RequestRejected(417, "unsupported Expect")
+            ex.expect_continue = has_body and ex.version_11
+
+        trusted = self.trusted
+        if trusted and request_id:
+            ex.request_id = request_id
+        else:
+            ex.request_id = worker.next_request_id()
+
+        target = self.url
+        if target[:1] != b"/":
+            target = self._origin_form(method, target, host)
+
+        name = host.lower()
+        if name[-1:].isdigit() and b":" in name:
+            name = name.rpartition(b":")[0]
+        route = worker.routes.get(name)
+        if route is None:
+            route = worker.routes.get(name.rstrip(b"."))
+        if route is None or not route.pools:
+            status, message = (404, "no such host") if route is None else (503, "no instances")
+            # Without a body the connection can stay: nothing is left unread.
+            error = RequestRejected(status, message, close=has_body)
+            if not has_body:
+                ex.error = error
+                ex.request_done = True  # nothing follows the head
+                self._submit(ex)
+                return
+            raise error
+        ex.route = route
+
+        if not parser.should_keep_alive():
+            ex.keep_alive = False
+        if connection is not None:
+            tokens = {t.strip() for t in connection.lower().split(b",")}
+            extra = tokens - {b"keep-alive", b"close", b"upgrade", b""}
+            if extra:
+                parts = parts[:4] + [
+                    p
+                    for i in range(4, len(parts), 4)
+                    if parts[i].lower() not in extra
+                    for p in parts[i : i + 4]
+                ]
+            if upgrade is not None and b"upgrade" in tokens and parser.should_upgrade():
+                ex.upgrade = True
+                parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+
+        parts += (
+            b"X-Forwarded-For: ",
+            xff + b", " + self.peer if trusted and xff else self.peer,
+            b"\r\nX-Forwarded-Proto: ",
+            xfp if trusted and xfp else worker.scheme,
+            b"\r\nX-Forwarded-Host: ",
+            xfh if trusted and xfh else host,
+            b"\r\nX-Request-Id: ",
+            ex.request_id,
+            b"\r\nVia: ",
+            via + b", " + VIA_TOKEN if via else VIA_TOKEN,
+            b"\r\n",
+        )
+        if ex.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        elif content_length is not None:
+            parts += (b"Content-Length: ", content_length, b"\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        parts[2] = target
+        ex.head = b"".join(parts)
+        ex.out.append(ex.head)
+        if has_body:
+            self.deadline = worker.now + self.limits.body_timeout
+        else:
+            self.deadline = INF
+        self._submit(ex)
+
+    def _origin_form(self, method: bytes, target: bytes, host: bytes) -> bytes:
+        """Turn an absolute-form target into origin form; refuse one naming another host."""
+        if target == b"*" and method == b"OPTIONS":
+            return target
+        lowered = target[:8].lower()
+        if not (lowered.startswith((b"http://", b"https://"))):
+            raise RequestRejected(400, "invalid request target")
+        try:
+            url = httptools.parse_url(target)
+        except httptools.HttpParserInvalidURLError:
+            raise RequestRejected(400, "invalid request target") from None
+        authority = url.host.lower() + (b":%d" % url.port if url.port else b"")
+        wanted = host.lower()
+        if authority != wanted and url.host.lower() != wanted:
+            raise RequestRejected(400, "request target names another host than Host")
+        path = url.path or b"/"
+        return path + b"?" + url.query if url.query else path
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.cur
+        assert ex is not None
+        n = len(body)
+        ex.body_len += n
+        if ex.chunked:
+            if ex.body_len > self.limits.max_body_size:
+                raise RequestRejected(413, "request body too large")
+            ex.out += (b"%x\r\n" % n, body, b"\r\n")
+        else:
+            ex.out.append(body)
+        ex.out_size += n
+        self.deadline = self.worker.now + self.limits.body_timeout
+        if ex.upstream is None and ex.out_size > self.limits.write_high_water:
+            self._pause(_PAUSE_BUFFER)
+
+    def on_message_complete(self) -> None:
+        ex = self.cur
+        assert ex is not None
+        self.cur = None
+        ex.request_done = True
+        if ex.chunked:
+            ex.out.append(b"0\r\n\r\n")
+        if not ex.finished:
+            self.deadline = INF
+
+    def _upgrade_pending(self, rest: bytes) -> None:
+        """The parser handed over an upgrade request: hold the client's bytes until 101."""
+        self.tunnel_buf = [rest] if rest else []
+        self._pause(_PAUSE_DEAD)
+
+    # -- exchanges -------------------------------------------------------------------
+
+    def _submit(self, ex: Exchange) -> None:
+        if self.active is None:
+            self._start(ex)
+        else:
+            if self.queue is None:
+                self.queue = deque()
+            self.queue.append(ex)
+            self._pause(_PAUSE_PIPELINE)
+
+    def _start(self, ex: Exchange) -> None:
+        self.active = ex
+        if ex.error is not None:
+            self._answer(ex, ex.error)
+            return
+        route = ex.route
+        assert route is not None
+        pool = route.pick(self.worker.now, None)
+        if ex.expect_continue and not ex.request_done:
+            self.write(CONTINUE_100)
+        self._dispatch(ex, pool)
+
+    def _dispatch(self, ex: Exchange, pool: UpstreamPool) -> None:
+        ex.attempts += 1
+        ex.tried = pool
+        conn = pool.acquire()
+        if conn is not None:
+            conn.attach(self, ex)
+            if not self.feeding:
+                conn.flush_request()
+            return
+        pool.connect(self, ex)
+
+    def _retry(self, ex: Exchange, failed: UpstreamPool, status: int, why: str) -> None:
+        if (
+            ex.attempts <= self.limits.retries
+            and not ex.body_sent
+            and ex.route is not None
+            and self.transport is not None
+        ):
+            pool = ex.route.pick(self.worker.now, failed)
+            if ex.head_sent:
+                ex.out.insert(0, ex.head)
+                ex.head_sent = False
+            self._dispatch(ex, pool)
+            return
+        log.warning("upstream %s failed for %s: %s", failed.address, ex.request_id.decode(), why)
+        self.upstream_failed(ex, status, "the instance could not be reached")
+
+    def upstream_connect_failed(self, ex: Exchange, pool: UpstreamPool, why: str) -> None:
+        if ex.finished or self.transport is None:
+            return
+        self._retry(ex, pool, 502, f"connect: {why}")
+
+    def upstream_lost(self, ex: Exchange, pool: UpstreamPool, retryable: bool) -> None:
+        """An upstream closed before sending any response byte."""
+        if ex.finished or self.transport is None:
+            return
+        if retryable:
+            self._retry(ex, pool, 502, "reused connection closed")
+        else:
+            self.upstream_failed(ex, 502, "the instance closed the connection")
+
+    def upstream_failed(self, ex: Exchange, status: int, message: str) -> None:
+        """Answer ``ex`` with a gateway error (nothing of the response was sent yet)."""
+        if ex.finished or self.transport is None:
+            return
+        ex.upstream = None
+        # The request body may still be arriving; without it the connection cannot be reused.
+        close = not ex.request_done
+        self._answer(ex, RequestRejected(status, message, close=close))
+
+    def response_done(self, ex: Exchange) -> None:
+        ex.finished = True
+        if self.active is ex:
+            self.active = None
+        if self.transport is None:
+            return
+        self._resume(_PAUSE_UPSTREAM)
+        if not ex.keep_alive or not ex.request_done or self.closing:
+            self.close()
+            return
+        queue = self.queue
+        if queue:
+            nxt = queue.popleft()
+            if not queue:
+                self._resume(_PAUSE_PIPELINE)
+            self._start(nxt)
+            return
+        self._resume(_PAUSE_PIPELINE)
+        if self.cur is None:
+            self.deadline = self.worker.now + self.limits.keepalive_timeout
+
+    def _answer(self, ex: Exchange, error: RequestRejected) -> None:
+        """Write the proxy's own response for ``ex`` and end the exchange."""
+        close = error.close or not ex.keep_alive or self.worker.shutting_down
+        extra = b""
+        if error.status == 503:
+            extra = b"Retry-After: 5\r\n"
+        elif error.status == 405:
+            extra = b"Allow: " + ALLOWED_METHODS + b"\r\n"
+        self.write(
+            error_response(
+                error.status,
+                error.message,
+                close=close,
+                date=self.worker.date,
+                request_id=ex.request_id,
+                extra=extra,
+                head_only=ex.is_head,
+            )
+        )
+        ex.keep_alive = not close
+        self.response_done(ex)
+
+    def _reject(self, error: RequestRejected) -> None:
+        """The request being parsed cannot be served: answer in turn, then close."""
+        error.close = True
+        self._pause(_PAUSE_DEAD)
+        ex = self.cur or Exchange()
+        self.cur = None
+        submitted = bool(ex.head) or ex.error is not None
+        ex.error = error
+        ex.keep_alive = False
+        if ex is self.active:
+            up = ex.upstream
+            if up is not None:
+                # A chunked body outgrew the limit or broke while being streamed.
+                started = up.headers_done
+                up.detach_from_client()
+                if started:
+                    self.abort(error.message)
+                    return
+            self._answer(ex, error)
+        elif not submitted and not ex.finished:
+            self._submit(ex)
+
+    def start_tunnel(self, upstream: UpstreamConnection, rest: bytes) -> None:
+        """The instance answered 101: relay raw bytes both ways from now on."""
+        ex = self.active
+        if ex is None or not ex.upgrade or self.tunnel_buf is None:
+            upstream.detach_from_client()
+            self.abort("101 for a request that did not ask to upgrade")
+            return
+        self.active = None
+        ex.finished = True
+        upstream.tunnel = True
+        upstream.deadline = INF
+        self.tunnel = upstream
+        self.deadline = self.worker.now + self.limits.tunnel_idle_timeout
+        if rest:
+            self.write(rest)
+        if upstream.transport is not None:
+            upstream.transport.writelines(self.tunnel_buf)
+        self.tunnel_buf = None
+        self.paused = 0
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    # -- output and flow control -----------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def write_many(self, data: list[bytes]) -> None:
+        if self.transport is not None:
+            self.transport.writelines(data)
+
+    def pause_for_upstream(self) -> None:
+        self._pause(_PAUSE_UPSTREAM)
+
+    def resume_for_upstream(self) -> None:
+        self._resume(_PAUSE_UPSTREAM)
+
+    def _pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and self.transport is not None:
+                self.transport.resume_reading()
+
+    # -- endings ---------------------------------------------------------------------
+
+    def on_timeout(self) -> None:
+        ex = self.cur
+        if self.tunnel is not None or ex is None:
+            self.close()  # idle keep-alive, idle tunnel, or a connection that never spoke
+            return
+        why = "request head" if not ex.head else "request body"
+        log.info("client %s: %s timed out", self.peer.decode(), why)
+        if self.active is None or self.active is ex:
+            if ex.upstream is not None:
+                ex.upstream.detach_from_client()
+                self.abort(f"{why} timed out")
+                return
+            self.write(error_response(408, f"{why} timed out", close=True, date=self.worker.date))
+        self.close()
+
+    def shutdown(self) -> None:
+        """Graceful stop: finish what is in flight, then close."""
+        self.closing = True
+        if self.active is None and self.cur is None and self.tunnel is None:
+            self.close()
+
+    def abort(self, why: str) -> None:
+        log.info("client %s: connection closed: %s", self.peer.decode(), why)
+        self.close()
+
+    def close(self) -> None:
+        self.paused |= _PAUSE_DEAD
+        if self.transport is not None:
+            self.transport.close()
+        self._release_all()

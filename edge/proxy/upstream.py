@@ -1,0 +1,510 @@
+"""Upstream side of the proxy: per-instance connection pools and the response protocol.
+
+An :class:`UpstreamConnection` carries one exchange at a time (no upstream pipelining). It
+parses the instance's response with httptools and streams it to the client, re-framing the
+body where the client needs another framing (chunked for HTTP/1.1 when the length is
+unknown, close-delimited for HTTP/1.0). Connections that end a response cleanly go back to
+their instance's pool, most recently used first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from edge.proxy.http import VIA_TOKEN
+
+if TYPE_CHECKING:
+    from edge.proxy.client import ClientConnection, Exchange
+    from edge.proxy.worker import ProxyWorker
+    from edge.routing import Address
+
+log = logging.getLogger("edge.upstream")
+
+INF = float("inf")
+
+# How the response body is framed towards the client.
+BODY_NONE = 0  # HEAD, 1xx, 204, 304
+BODY_LENGTH = 1  # Content-Length passed through
+BODY_CHUNKED = 2  # re-chunked for an HTTP/1.1 client
+BODY_RAW = 3  # close-delimited, for an HTTP/1.0 client
+
+# Response headers handled specially; everything else is copied as is.
+_R_DROP = 1
+_R_TE = 2
+_R_CONNECTION = 3
+_R_CONTENT_LENGTH = 4
+_R_VIA = 5
+_R_UPGRADE = 6
+RESPONSE_SPECIAL = {
+    b"connection": _R_CONNECTION,
+    b"keep-alive": _R_DROP,
+    b"proxy-connection": _R_DROP,
+    b"proxy-authenticate": _R_DROP,
+    b"proxy-authorization": _R_DROP,
+    b"te": _R_DROP,
+    b"trailer": _R_DROP,
+    b"transfer-encoding": _R_TE,
+    b"upgrade": _R_UPGRADE,
+    b"content-length": _R_CONTENT_LENGTH,
+    b"via": _R_VIA,
+}
+
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
+class UpstreamError(Exception):
+    """The instance sent something that is not a valid HTTP/1.1 response."""
+
+
+class UpstreamPool:
+    """Kept-alive connections to one instance, shared by every route that names it."""
+
+    __slots__ = ("address", "busy", "closed", "down_until", "host", "idle", "port", "worker")
+
+    def __init__(self, worker: ProxyWorker, address: Address) -> None:
+        self.worker = worker
+        self.address = address
+        self.host = address.host
+        self.port = address.port
+        self.idle: list[UpstreamConnection] = []
+        self.busy = 0  # connections carrying an exchange or being opened
+        # Passive health: after a failed connect the instance is skipped until this time.
+        self.down_until = 0.0
+        self.closed = False
+
+    def acquire(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                self.busy += 1
+                return conn
+        return None
+
+    def release(self, conn: UpstreamConnection) -> None:
+        self.busy -= 1
+        if self.closed or len(self.idle) >= self.worker.limits.upstream_max_idle:
+            conn.close()
+            return
+        conn.deadline = self.worker.now + self.worker.limits.upstream_idle_timeout
+        self.idle.append(conn)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        """Forget a connection that is closing (idle or busy)."""
+        if conn.ex is not None or conn.connecting:
+            self.busy -= 1
+        else:
+            with contextlib.suppress(ValueError):
+                self.idle.remove(conn)
+
+    def connect(self, client: ClientConnection, ex: Exchange) -> None:
+        self.busy += 1
+        self.worker.loop.create_task(self._connect(client, ex))
+
+    async def _connect(self, client: ClientConnection, ex: Exchange) -> None:
+        worker = self.worker
+        conn = UpstreamConnection(self)
+        conn.connecting = True
+        try:
+            await asyncio.wait_for(
+                worker.loop.create_connection(lambda: conn, self.host, self.port),
+                worker.limits.upstream_connect_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            self.busy -= 1
+            self.down_until = worker.now + worker.limits.upstream_connect_timeout
+            kind = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            client.upstream_connect_failed(ex, self, kind)
+            return
+        conn.connecting = False
+        if client.transport is None or ex.upstream is not None or ex.finished:
+            # The client went away (or the exchange ended) while we connected: keep the
+            # fresh connection for the next request.
+            self.release(conn)
+            return
+        conn.attach(client, ex)
+        conn.flush_request()
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "chunked_in",
+        "client",
+        "connecting",
+        "content_length",
+        "deadline",
+        "ex",
+        "got_bytes",
+        "head_size",
+        "headers",
+        "headers_done",
+        "interim",
+        "keep_alive",
+        "mode",
+        "out",
+        "parser",
+        "pool",
+        "reason",
+        "reused",
+        "transport",
+        "tunnel",
+        "worker",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.worker = pool.worker
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.client: ClientConnection | None = None
+        self.ex: Exchange | None = None
+        self.connecting = False
+        self.deadline = INF
+        self.reused = False
+        self.tunnel = False
+        self.out: list[bytes] = []
+        self._reset_response()
+
+    def _reset_response(self) -> None:
+        self.got_bytes = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.headers_done = False
+        self.interim = False
+        self.reason = b""
+        self.mode = BODY_NONE
+        self.keep_alive = False
+        self.chunked_in = False
+        self.content_length: bytes | None = None
+
+    # -- transport callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=self.worker.limits.write_high_water)
+        self.worker.upstreams.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.worker.upstreams.discard(self)
+        ex = self.ex
+        self.pool.discard(self)
+        if ex is None:
+            return
+        self.ex = None
+        ex.upstream = None
+        client = self.client
+        self.client = None
+        if client is None:
+            return
+        if self.tunnel:
+            client.close()
+        elif self.headers_done and self.mode != BODY_LENGTH and not self.chunked_in:
+            # A response delimited by the connection's end (no length, not chunked) is
+            # complete exactly now.
+            if self.mode == BODY_CHUNKED:
+                self.out.append(b"0\r\n\r\n")
+            self._flush_to(client)
+            client.response_done(ex)
+        elif self.headers_done:
+            # Died mid-body: closing the client is the only honest signal left.
+            self._flush_to(client)
+            client.abort("upstream closed mid-response")
+        else:
+            client.upstream_lost(ex, self.pool, retryable=self.reused and not self.got_bytes)
+
+    def eof_received(self) -> bool | None:
+        # Let connection_lost decide (a close-delimited body ends here).
+        return None
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_for_upstream()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_for_upstream()
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            # Bytes on an idle connection: the instance is confused; never reuse it.
+            self.close()
+            return
+        self.deadline = self.worker.now + self.worker.limits.upstream_response_timeout
+        if self.tunnel:
+            client.write(data)
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._flush_to(client)
+            if self.ex is not None and self.headers_done:
+                client.start_tunnel(self, data[exc.args[0] :])
+            else:
+                self._bad_response("upgrade without 101")
+            return
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, UpstreamError):
+                self._bad_response(str(exc.__context__))
+                return
+            raise
+        except httptools.HttpParserError as exc:
+            self._bad_response(f"invalid response: {exc}")
+            return
+        if self.out:
+            self._flush_to(client)
+
+    # -- request side ----------------------------------------------------------------
+
+    def attach(self, client: ClientConnection, ex: Exchange) -> None:
+        self.client = client
+        self.ex = ex
+        ex.upstream = self
+        self.deadline = self.worker.now + self.worker.limits.upstream_response_timeout
+        if client.write_paused and self.transport is not None:
+            self.transport.pause_reading()
+
+    def flush_request(self) -> None:
+        ex = self.ex
+        if ex is None or self.transport is None:
+            return
+        out = ex.out
+        ex.head_sent = True
+        if ex.out_size:
+            ex.body_sent = True
+            ex.out_size = 0
+        self.transport.writelines(out)
+        out.clear()
+
+    # -- parser callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.head_size = 0
+        self.headers_done = False
+        self.reason = b""
+        self.content_length = None
+        self.chunked_in = False
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_done:
+            return  # trailer fields are not forwarded
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > MAX_RESPONSE_HEAD:
+            raise UpstreamError("response head too large")
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.ex
+        assert ex is not None
+        status = self.parser.get_status_code()
+        self.headers_done = True
+        if status < 200 and status != 101:
+            self.interim = True
+            # 100 Continue was already answered by the edge itself; other interim
+            # responses (103 Early Hints) are passed to HTTP/1.1 clients.
+            if status != 100 and ex.version_11:
+                parts, _ = self._copy_headers(status)
+                parts.append(b"\r\n")
+                self.out.append(b"".join(parts))
+            return
+        self.keep_alive = bool(self.parser.should_keep_alive())
+        parts, upgrade = self._copy_headers(status)
+        if status == 101:
+            parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade or b"", b"\r\n\r\n")
+            self.out.append(b"".join(parts))
+            return
+        if ex.is_head or status in (204, 304):
+            mode = BODY_NONE
+        elif self.content_length is not None:
+            mode = BODY_LENGTH
+        elif ex.version_11:
+            mode = BODY_CHUNKED
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            mode = BODY_RAW
+            ex.keep_alive = False
+        self.mode = mode
+        if self.worker.shutting_down:
+            ex.keep_alive = False
+        if not ex.keep_alive:
+            parts.append(b"Connection: close\r\n")
+        elif not ex.version_11:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.out.append(b"".join(parts))
+        if ex.is_head:
+            # httptools cannot be told that a HEAD response has no body, so the parser would
+            # wait for Content-Length bytes that never come: end the exchange here and do
+            # not reuse this connection.
+            self.keep_alive = False
+            self._flush_to(self.client)
+            self._finish(ex)
+
+    def _copy_headers(self, status: int) -> tuple[list[bytes], bytes | None]:
+        """The status line and the end-to-end headers of the response, plus Via."""
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason)]
+        via = None
+        drop_extra: list[bytes] | None = None
+        upgrade = None
+        for name, value in self.headers:
+            code = RESPONSE_SPECIAL.get(name.lower())
+            if code is None:
+                parts += (name, b": ", value, b"\r\n")
+            elif code == _R_CONTENT_LENGTH:
+                self.content_length = value
+                if status >= 200 and status != 204:
+                    parts += (name, b": ", value, b"\r\n")
+            elif code == _R_TE:
+                self.chunked_in = True
+            elif code == _R_VIA:
+                via = value if via is None else via + b", " + value
+            elif code == _R_UPGRADE:
+                upgrade = value
+            elif code == _R_CONNECTION:
+                tokens = [t.strip().lower() for t in value.split(b",")]
+                extra = [t for t in tokens if t and t not in (b"close", b"keep-alive", b"upgrade")]
+                if extra:
+                    drop_extra = (drop_extra or []) + extra
+        if drop_extra:
+            parts = _drop_named(parts, drop_extra)
+        parts += (b"Via: ", via + b", " + VIA_TOKEN if via else VIA_TOKEN, b"\r\n")
+        return parts, upgrade
+
+    def on_body(self, body: bytes) -> None:
+        mode = self.mode
+        if mode == BODY_CHUNKED:
+            self.out += (b"%x\r\n" % len(body), body, b"\r\n")
+        elif mode != BODY_NONE:
+            self.out.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        ex = self.ex
+        if ex is None or ex.finished:
+            return  # a HEAD exchange already ended at its head
+        if self.mode == BODY_CHUNKED:
+            self.out.append(b"0\r\n\r\n")
+        if self.client is not None:
+            self._flush_to(self.client)
+        self._finish(ex)
+
+    # -- endings ---------------------------------------------------------------------
+
+    def _finish(self, ex: Exchange) -> None:
+        client = self.client
+        reusable = self.keep_alive and ex.request_done and not self.tunnel
+        self.ex = None
+        self.client = None
+        ex.upstream = None
+        self._reset_response()
+        if reusable:
+            self.reused = True
+            self.deadline = INF
+            if self.transport is not None:
+                self.transport.resume_reading()
+            self.pool.release(self)
+        else:
+            self.pool.busy -= 1
+            self.close()
+        if client is not None:
+            client.response_done(ex)
+
+    def _flush_to(self, client: ClientConnection | None) -> None:
+        if self.out:
+            if client is not None:
+                client.write_many(self.out)
+            self.out.clear()
+
+    def _bad_response(self, why: str) -> None:
+        ex, client = self.ex, self.client
+        log.warning("upstream %s: %s", self.pool.address, why)
+        self.ex = None
+        self.client = None
+        if ex is not None:
+            ex.upstream = None
+            self.pool.busy -= 1
+        self._abandon()
+        if client is None or ex is None:
+            return
+        if self.headers_done:
+            client.abort(why)
+        else:
+            client.upstream_failed(ex, 502, "the instance sent an invalid response")
+
+    def on_timeout(self) -> None:
+        ex, client = self.ex, self.client
+        if ex is None or client is None:
+            self.close()  # idle in the pool for too long
+            return
+        self.ex = None
+        self.client = None
+        ex.upstream = None
+        self.pool.busy -= 1
+        self._abandon()
+        if self.tunnel:
+            client.close()
+        elif self.headers_done:
+            client.abort("upstream response timed out")
+        else:
+            client.upstream_failed(ex, 504, "the instance did not answer in time")
+
+    def detach_from_client(self) -> None:
+        """The client went away: this connection is mid-exchange and cannot be reused."""
+        if self.ex is not None:
+            self.ex.upstream = None
+            self.ex = None
+            self.pool.busy -= 1
+        self.client = None
+        self._abandon()
+
+    def _abandon(self) -> None:
+        self.worker.upstreams.discard(self)
+        self.pool = _DETACHED
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _drop_named(parts: list[bytes], names: list[bytes]) -> list[bytes]:
+    """Remove headers named in Connection (rare, so a second pass is fine)."""
+    head, rest = parts[:1], parts[1:]
+    kept = list(head)
+    for i in range(0, len(rest), 4):
+        if rest[i].lower() not in names:
+            kept += rest[i : i + 4]
+    return kept
+
+
+class _DetachedPool:
+    """Pool stand-in for a connection already accounted for and being torn down."""
+
+    address = "detached"
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        pass
+
+
+_DETACHED: UpstreamPool = _DetachedPool()  # type: ignore[assignment]

@@ -1,0 +1,194 @@
+"""One proxy worker process: its listening socket, routes, pools, clock and shutdown.
+
+Per-connection timeouts are deadlines on the connection objects, checked by one ticker per
+worker (like HAProxy's and nginx's cached clocks): the hot path only stores a float instead
+of arming and cancelling a timer per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+from email.utils import formatdate
+
+from edge.config import EdgeConfig
+from edge.proxy.client import ClientConnection
+from edge.proxy.upstream import UpstreamConnection, UpstreamPool
+from edge.routing import Address, RouteProvider, RoutesError, RoutingTable
+
+log = logging.getLogger("edge.worker")
+
+
+class Route:
+    """A host's live route in one worker: its instances' pools, chosen round robin."""
+
+    __slots__ = ("host", "next", "pools")
+
+    def __init__(self, host: str, pools: list[UpstreamPool]) -> None:
+        self.host = host
+        self.pools = pools
+        self.next = 0
+
+    def pick(self, now: float, avoid: UpstreamPool | None) -> UpstreamPool:
+        """The next instance in turn, skipping ``avoid`` and recently failed ones if it can."""
+        pools = self.pools
+        n = len(pools)
+        start = self.next
+        for i in range(n):
+            pool = pools[(start + i) % n]
+            if pool is not avoid and pool.down_until <= now:
+                self.next = (start + i + 1) % n
+                return pool
+        # Every instance failed recently: try the next one anyway rather than refuse.
+        self.next = (start + 1) % n
+        pool = pools[start % n]
+        if pool is avoid and n > 1:
+            pool = pools[self.next]
+        return pool
+
+
+class ProxyWorker:
+    def __init__(self, config: EdgeConfig, provider: RouteProvider, *, scheme: bytes = b"http"):
+        self.config = config
+        self.limits = config.limits
+        self.provider = provider
+        self.scheme = scheme
+        self.loop = asyncio.get_running_loop()
+        self.now = self.loop.time()
+        self.date = formatdate(usegmt=True).encode()
+        self.routes: dict[bytes, Route] = {}
+        self.pools: dict[Address, UpstreamPool] = {}
+        self.table: RoutingTable | None = None
+        self.clients: set[ClientConnection] = set()
+        self.upstreams: set[UpstreamConnection] = set()
+        self.shutting_down = False
+        self._trusted = config.trusted_proxies
+        self._trusted_cache: dict[str, bool] = {}
+        self._rid_prefix = os.urandom(10).hex().encode()
+        self._rid = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._ticker: asyncio.Task[None] | None = None
+
+    # -- routing ---------------------------------------------------------------------
+
+    def install(self, table: RoutingTable) -> None:
+        """Swap in a new routing table; pools of instances still named are kept."""
+        pools: dict[Address, UpstreamPool] = {}
+        routes: dict[bytes, Route] = {}
+        for host, addresses in table.routes.items():
+            route_pools = []
+            for address in addresses:
+                pool = pools.get(address) or self.pools.get(address)
+                if pool is None:
+                    pool = UpstreamPool(self, address)
+                pools[address] = pool
+                route_pools.append(pool)
+            routes[host.encode()] = Route(host, route_pools)
+        for address, pool in self.pools.items():
+            if address not in pools:
+                pool.close()
+        self.pools = pools
+        self.routes = routes  # one reference swap: requests see the old or the new table
+        self.table = table
+
+    async def reload(self) -> bool:
+        try:
+            table = await self.provider.load()
+        except RoutesError as exc:
+            log.error("routes not reloaded, keeping the current table: %s", exc)
+            return False
+        self.install(table)
+        log.info("routes loaded from %s: %d hosts", self.provider.describe(), len(table))
+        return True
+
+    # -- per-request helpers ---------------------------------------------------------
+
+    def is_trusted(self, ip: str) -> bool:
+        if not self._trusted:
+            return False
+        cached = self._trusted_cache.get(ip)
+        if cached is None:
+            try:
+                address = ipaddress.ip_address(ip)
+            except ValueError:
+                cached = False
+            else:
+                cached = any(address in net for net in self._trusted)
+            if len(self._trusted_cache) > 10_000:
+                self._trusted_cache.clear()
+            self._trusted_cache[ip] = cached
+        return cached
+
+    def next_request_id(self) -> bytes:
+        self._rid += 1
+        return b"%s%012x" % (self._rid_prefix, self._rid)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self, sock: socket.socket) -> None:
+        self._server = await self.loop.create_server(
+            lambda: ClientConnection(self), sock=sock, backlog=self.config.backlog
+        )
+        self._ticker = self.loop.create_task(self._tick())
+
+    async def _tick(self) -> None:
+        tick = self.limits.tick
+        last_date = 0
+        while True:
+            await asyncio.sleep(tick)
+            now = self.now = self.loop.time()
+            second = int(now)
+            if second != last_date:
+                last_date = second
+                self.date = formatdate(usegmt=True).encode()
+            for client in [c for c in self.clients if c.deadline < now]:
+                client.on_timeout()
+            for upstream in [u for u in self.upstreams if u.deadline < now]:
+                upstream.on_timeout()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (up to ``grace`` s), then close."""
+        if grace is None:
+            grace = self.limits.shutdown_timeout
+        self.shutting_down = True
+        if self._server is not None:
+            self._server.close()
+        for client in list(self.clients):
+            client.shutdown()
+        deadline = self.loop.time() + grace
+        while self.clients and self.loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        for client in list(self.clients):
+            if client.transport is not None:
+                client.transport.abort()
+            client.close()
+        for pool in self.pools.values():
+            pool.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        if self._server is not None:
+            await self._server.wait_closed()
+        # Let transports run their connection_lost callbacks.
+        await asyncio.sleep(0)
+
+
+def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket with SO_REUSEPORT, so every worker accepts on the same port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
