@@ -17,7 +17,7 @@ from pathlib import Path
 
 import h11
 
-from edge.config import EdgeConfig, ProxyLimits
+from edge.config import EdgeConfig, ProxyLimits, parse_networks
 from edge.proxy.worker import ProxyWorker, listen_socket
 from edge.routing import FileRouteProvider, parse_routes_document
 
@@ -180,8 +180,6 @@ async def running_edge(
     **limits: float,
 ) -> AsyncIterator[Edge]:
     """Start a proxy worker on a free loopback port with ``routes``; stop it afterwards."""
-    from edge.config import parse_networks
-
     routes_path = tmp_path / "routes.json"
     routes_path.write_text(json.dumps({"routes": routes}))
     config = EdgeConfig(
