@@ -644,6 +644,9 @@ class ClientConnection(asyncio.Protocol):
     def resume_for_upstream(self) -> None:
         self._resume(_PAUSE_UPSTREAM)
 
+    def resume_for_buffer(self) -> None:
+        self._resume(_PAUSE_BUFFER)
+
     def _pause(self, reason: int) -> None:
         if not self.paused and self.transport is not None:
             self.transport.pause_reading()

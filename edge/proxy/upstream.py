@@ -289,6 +289,8 @@ class UpstreamConnection(asyncio.Protocol):
             ex.out_size = 0
         self.transport.writelines(out)
         out.clear()
+        if self.client is not None and self.client.paused:
+            self.client.resume_for_buffer()
 
     # -- parser callbacks ------------------------------------------------------------
 
