@@ -209,16 +209,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.client = None
         if client is None:
             return
+        started = self.headers_done and not self.interim
         if self.tunnel:
             client.close()
-        elif self.headers_done and self.mode != BODY_LENGTH and not self.chunked_in:
+        elif started and self.mode in (BODY_CHUNKED, BODY_RAW) and not self.chunked_in:
             # A response delimited by the connection's end (no length, not chunked) is
             # complete exactly now.
             if self.mode == BODY_CHUNKED:
                 self.out.append(b"0\r\n\r\n")
             self._flush_to(client)
             client.response_done(ex)
-        elif self.headers_done:
+        elif started:
             # Died mid-body: closing the client is the only honest signal left.
             self._flush_to(client)
             client.abort("upstream closed mid-response")
