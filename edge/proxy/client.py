@@ -201,16 +201,13 @@ class ClientConnection(asyncio.Protocol):
                 ex.upstream.detach_from_client()
 
     def eof_received(self) -> bool:
-        # The client half-closed. A request still arriving can never complete; one that is
-        # complete still gets its response before the connection closes.
-        if self.cur is not None or (self.active is None and not self.queue):
-            self.close()
-            return False
-        if self.active is not None:
-            self.active.keep_alive = False
-        for ex in self.queue or ():
-            ex.keep_alive = False
-        return True
+        # The client closed its side. Like nginx (without proxy_ignore_client_abort), treat
+        # that as giving up: whatever is in flight is abandoned and the instance's connection
+        # discarded, instead of holding both until the response comes.
+        if self.active is not None or self.cur is not None or self.tunnel is not None:
+            log.info("client %s: closed the connection before its response", self.peer.decode())
+        self.close()
+        return False
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -291,6 +288,10 @@ class ClientConnection(asyncio.Protocol):
         method = parser.get_method()
         if method == b"CONNECT":
             raise RequestRejected(405, "CONNECT is not allowed", close=True)
+        if parser.should_upgrade():
+            # The parser hands the rest of the connection to the upgrade: unless a 101 turns
+            # it into a tunnel, it ends with this exchange.
+            ex.keep_alive = False
         ex.is_head = method == b"HEAD"
 
         host = None
@@ -439,7 +440,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         ex = self.cur
-        assert ex is not None
+        if ex is None:
+            return
         n = len(body)
         ex.body_len += n
         if ex.chunked:
@@ -455,7 +457,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         ex = self.cur
-        assert ex is not None
+        if ex is None:
+            return  # answered and closed while its head was being parsed
         self.cur = None
         ex.request_done = True
         if ex.chunked:

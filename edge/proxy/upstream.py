@@ -253,7 +253,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._flush_to(client)
-            if self.ex is not None and self.headers_done:
+            if self.ex is not None and self.headers_done and self.parser.get_status_code() == 101:
                 client.start_tunnel(self, data[exc.args[0] :])
             else:
                 self._bad_response("upgrade without 101")
@@ -331,9 +331,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = bool(self.parser.should_keep_alive())
         parts, upgrade = self._copy_headers(status)
         if status == 101:
+            # httptools reports the message complete, then raises HttpParserUpgrade with the
+            # offset where the tunnel's bytes start; data_received switches to the tunnel.
+            self.interim = True
             parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade or b"", b"\r\n\r\n")
             self.out.append(b"".join(parts))
             return
+        if ex.upgrade or not ex.request_done:
+            # The client's parser handed its connection over to the upgrade, or the rest of
+            # the request body would have to be drained: either way this connection ends here.
+            ex.keep_alive = False
         if ex.is_head or status in (204, 304):
             mode = BODY_NONE
         elif self.content_length is not None:
