@@ -43,6 +43,10 @@ class UpstreamRequest:
     target: str
     headers: list[tuple[str, str]]
     body: bytes
+    # For handlers that take the connection over (a tunnel after 101, a scripted close): the
+    # connection's reader, and bytes already received after this request.
+    reader: asyncio.StreamReader | None = field(default=None, repr=False, compare=False)
+    rest: bytes = field(default=b"", repr=False, compare=False)
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -80,6 +84,7 @@ class Upstream:
     open_connections: int = 0
     _server: asyncio.AbstractServer | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def address(self) -> str:
@@ -95,6 +100,10 @@ class Upstream:
             self._server.close()
             for w in list(self._writers):
                 w.close()
+            # Handlers that never answer (stalls) would otherwise outlive the test.
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
 
@@ -102,24 +111,33 @@ class Upstream:
         self.connections += 1
         self.open_connections += 1
         self._writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
                 req = await self._read_request(conn, reader)
                 if req is None:
                     break
+                req.reader = reader
+                req.rest = conn.trailing_data[0]
                 self.requests.append(req)
                 await self.handler(req, writer)
                 await writer.drain()
                 if writer.is_closing():
                     break
-                # The handler wrote raw bytes; start h11 afresh for the next request.
+                # The handler wrote raw bytes; start h11 afresh for the next request, with
+                # whatever it had already received after this one.
                 conn = h11.Connection(h11.SERVER)
+                if req.rest:
+                    conn.receive_data(req.rest)
         except (ConnectionError, h11.RemoteProtocolError, asyncio.IncompleteReadError):
             pass
         finally:
             self.open_connections -= 1
             self._writers.discard(writer)
+            self._tasks.discard(task)
             writer.close()
 
     async def _read_request(
@@ -275,6 +293,26 @@ class Client:
         async with asyncio.timeout(timeout):
             return await self.reader.read(-1)
 
+    async def read_head(self, timeout: float = 5.0) -> bytes:
+        """Read one raw response head (up to and including the empty line), unparsed."""
+        async with asyncio.timeout(timeout):
+            return await self.reader.readuntil(b"\r\n\r\n")
+
+    async def read_exactly(self, n: int, timeout: float = 5.0) -> bytes:
+        async with asyncio.timeout(timeout):
+            return await self.reader.readexactly(n)
+
+    async def is_closed_by_peer(self, timeout: float = 2.0) -> bool:
+        """True when the edge closes the connection within ``timeout`` (nothing more sent)."""
+        try:
+            async with asyncio.timeout(timeout):
+                rest = await self.reader.read(-1)
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+        return rest == b""
+
     async def close(self) -> None:
         self.writer.close()
         with contextlib.suppress(Exception):
@@ -293,3 +331,16 @@ async def request(port: int, raw: bytes, timeout: float = 5.0) -> Response:
 
 def get(host: str, target: str = "/", extra: str = "") -> bytes:
     return f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+
+
+async def eventually(
+    predicate: Callable[[], bool], timeout: float = 2.0, interval: float = 0.01
+) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes; return its last value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() >= deadline:
+            return predicate()
+        await asyncio.sleep(interval)
+    return True
