@@ -6,9 +6,20 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import pytest
 import pytest_asyncio
+import uvloop
 
 from tests.harness import HOST, Handler, Upstream, echo_handler
+
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every integration test runs on uvloop (what the edge runs on) and on asyncio's loop."""
+    return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+
 
 StartUpstream = Callable[..., Awaitable[Upstream]]
 RawCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -39,7 +39,11 @@ async def exchange(edge: Edge, raw: bytes) -> tuple[Response, Client]:
     return await client.read_response(timeout=2), client
 
 
-async def assert_rejected_and_closed(edge: Edge, up: Upstream, raw: bytes, status: int) -> None:
+async def assert_rejected_and_closed(
+    edge: Edge, up: Upstream, raw: bytes, status: int, *, head_valid: bool = False
+) -> None:
+    """``head_valid``: the head was fine and the body is not, so the edge may already have
+    opened a connection to the instance (bodies stream); no request may reach it."""
     resp, client = await exchange(edge, raw)
     try:
         assert resp.status == status, resp.body
@@ -48,10 +52,18 @@ async def assert_rejected_and_closed(edge: Edge, up: Upstream, raw: bytes, statu
     finally:
         await client.close()
     assert up.requests == []
-    assert up.connections == 0
+    if not head_valid:
+        assert up.connections == 0
 
 
 HOST = b"Host: app.example.com\r\n"
+# Malformed requests whose head is valid: only the chunked body is broken.
+BAD_BODY = {
+    "invalid_chunk_size",
+    "negative_chunk_size",
+    "overflowing_chunk_size",
+    "chunk_data_overrun",
+}
 
 MALFORMED = {
     "cl_and_te": b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 5\r\n"
@@ -92,7 +104,7 @@ async def test_malformed_request_is_400_and_closed(
     edge_and_upstream: tuple[Edge, Upstream], name: str
 ) -> None:
     edge, up = edge_and_upstream
-    await assert_rejected_and_closed(edge, up, MALFORMED[name], 400)
+    await assert_rejected_and_closed(edge, up, MALFORMED[name], 400, head_valid=name in BAD_BODY)
 
 
 @pytest.mark.asyncio
