@@ -13,7 +13,6 @@ import uvloop
 from tests.harness import HOST, Handler, Upstream, echo_handler
 
 
-
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
