@@ -110,7 +110,7 @@ class Master:
         for index in range(self.config.workers):
             self._spawn(index)
         log.info(
-            "edge listening on http://%s:%d with %d worker(s), routes from %s",
+            "edge starting on http://%s:%d with %d worker(s), routes from %s",
             self.config.http_host,
             self.config.http_port,
             self.config.workers,
