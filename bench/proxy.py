@@ -1,0 +1,894 @@
+"""Throughput and latency of the Zeitwork edge against nginx as a reverse proxy.
+
+What it measures: requests/s and p50/p99 latency of keep-alive HTTP/1.1 ``GET /`` requests
+proxied to one fast upstream, for the edge (``zeitwork edge --workers 1``) and for a reference
+nginx reverse proxy (``worker_processes 1``, pooled upstream connections), both in front of the
+same upstream: an nginx with one worker answering every request with a 12-byte body.
+
+How: every process listens on a free 127.0.0.1 port. Each target is driven in turn by
+``wrk -t1 -c50 -d10s --latency -H 'Host: bench.local'`` after an uncounted warm-up, for several
+rounds interleaved (edge, nginx, edge, nginx, ...) so that drift of the machine hits both
+alike. The summary gives per-target medians and the median of the per-round edge/nginx ratios;
+it is printed and written as Markdown to bench/results/proxy.md. A run in which wrk saw
+non-2xx/3xx responses or socket errors is reported and makes the exit status non-zero.
+
+Run from the repository root: ``.venv/bin/python -m bench.proxy [--rounds 3 --duration 10]``.
+Needs nginx (Debian package nginx-light) and wrk (Debian package wrk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import http.client
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "proxy.md"
+HOST = "127.0.0.1"
+VHOST = "bench.local"
+UPSTREAM_BODY = b"hello world\n"
+TARGETS = ("edge", "nginx")
+WRK_THREADS = 1
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 5.0
+# wrk stops on its own after -d; this only bounds a wrk that hangs.
+WRK_GRACE_S = 30.0
+# Debian package that provides each external tool.
+TOOL_PACKAGES = {"nginx": "nginx-light", "wrk": "wrk"}
+
+
+class BenchError(Exception):
+    """A failure that deserves one clear message rather than a traceback."""
+
+
+class ToolMissingError(BenchError):
+    """nginx or wrk is not installed."""
+
+
+class WrkParseError(BenchError):
+    """wrk printed something this module does not understand."""
+
+
+# --- external tools ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tools:
+    nginx: str
+    wrk: str
+
+
+def which(name: str) -> str | None:
+    # Debian installs nginx in /usr/sbin, which is not on a normal user's PATH.
+    return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+
+
+def find_tools() -> Tools:
+    """Locate nginx and wrk, naming every missing one and its Debian package."""
+    found = {name: which(name) for name in TOOL_PACKAGES}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        raise ToolMissingError(
+            "; ".join(
+                f"{name} not found (Debian package {TOOL_PACKAGES[name]}: "
+                f"apt-get install {TOOL_PACKAGES[name]})"
+                for name in missing
+            )
+        )
+    nginx, wrk = found["nginx"], found["wrk"]
+    assert nginx is not None and wrk is not None
+    return Tools(nginx=nginx, wrk=wrk)
+
+
+def default_edge_cmd() -> tuple[str, ...]:
+    """The ``zeitwork`` script next to the running interpreter, i.e. the venv's."""
+    return (str(Path(sys.executable).parent / "zeitwork"),)
+
+
+# --- wrk output ----------------------------------------------------------------------------
+
+# wrk prints times with the largest unit that keeps the number >= 1: us, ms, s, then m and h.
+_TIME_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+_TIME = r"(\d+(?:\.\d+)?)(us|ms|s|m|h)"
+_PERCENTILE_RE = re.compile(rf"^\s*(\d+(?:\.\d+)?)%\s+{_TIME}\s*$", re.MULTILINE)
+_REQUESTS_RE = re.compile(rf"^\s*(\d+) requests in {_TIME},", re.MULTILINE)
+_RPS_RE = re.compile(r"^Requests/sec:\s+(\d+(?:\.\d+)?)\s*$", re.MULTILINE)
+_SOCKET_ERRORS_RE = re.compile(
+    r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
+)
+_NON_2XX_RE = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+SOCKET_ERROR_KINDS = ("connect", "read", "write", "timeout")
+
+
+def time_to_ms(value: str, unit: str) -> float:
+    """Convert a wrk time (``"520.12"``, ``"us"``) to milliseconds."""
+    try:
+        return float(value) * _TIME_UNIT_MS[unit]
+    except KeyError:
+        raise WrkParseError(f"unknown wrk time unit {unit!r}") from None
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    """What one wrk run measured; latencies in milliseconds."""
+
+    requests: int
+    duration_s: float
+    requests_per_sec: float
+    latency_ms: Mapping[int, float]
+    non_2xx_3xx: int = 0
+    socket_errors: Mapping[str, int] = field(
+        default_factory=lambda: dict.fromkeys(SOCKET_ERROR_KINDS, 0)
+    )
+
+    @property
+    def p50_ms(self) -> float:
+        return self.latency_ms[50]
+
+    @property
+    def p99_ms(self) -> float:
+        return self.latency_ms[99]
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx_3xx + sum(self.socket_errors.values())
+
+    def describe_errors(self) -> str:
+        sockets = ", ".join(f"{kind} {self.socket_errors[kind]}" for kind in SOCKET_ERROR_KINDS)
+        plural = "" if self.errors == 1 else "s"
+        return (
+            f"{self.errors} error{plural}: non-2xx/3xx {self.non_2xx_3xx}; socket errors {sockets}"
+        )
+
+
+def parse_wrk_output(text: str) -> WrkResult:
+    """Parse the report of ``wrk --latency``.
+
+    wrk prints the "Socket errors" and "Non-2xx or 3xx" lines only when they are non-zero, so
+    their absence means zero; anything else missing is an error.
+    """
+    rps = _RPS_RE.search(text)
+    requests = _REQUESTS_RE.search(text)
+    latency = {
+        int(float(pct)): time_to_ms(value, unit)
+        for pct, value, unit in _PERCENTILE_RE.findall(text)
+    }
+    missing = [
+        what
+        for what, ok in (
+            ("Requests/sec", rps is not None),
+            ("'N requests in T' line", requests is not None),
+            ("50% latency (was --latency given?)", 50 in latency),
+            ("99% latency (was --latency given?)", 99 in latency),
+        )
+        if not ok
+    ]
+    if missing or rps is None or requests is None:
+        raise WrkParseError(f"wrk output lacks {', '.join(missing)}:\n{text}")
+    socket_errors = dict.fromkeys(SOCKET_ERROR_KINDS, 0)
+    if match := _SOCKET_ERRORS_RE.search(text):
+        socket_errors = dict(zip(SOCKET_ERROR_KINDS, map(int, match.groups()), strict=True))
+    non_2xx = _NON_2XX_RE.search(text)
+    return WrkResult(
+        requests=int(requests.group(1)),
+        duration_s=time_to_ms(requests.group(2), requests.group(3)) / 1000,
+        requests_per_sec=float(rps.group(1)),
+        latency_ms=latency,
+        non_2xx_3xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=socket_errors,
+    )
+
+
+def wrk_argv(wrk: str, port: int, *, duration: int, connections: int) -> list[str]:
+    return [
+        wrk,
+        f"-t{WRK_THREADS}",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--latency",
+        "-H",
+        f"Host: {VHOST}",
+        f"http://{HOST}:{port}/",
+    ]
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    # The port is released before the server binds it; a collision in that instant fails the
+    # start loudly rather than measuring the wrong process.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _pdeathsig_setter() -> Callable[[], None] | None:
+    """A preexec_fn by which the kernel sends SIGTERM to the child when the benchmark dies.
+
+    It covers what no finally block can: the benchmark itself killed with SIGKILL.
+    """
+    if sys.platform != "linux":
+        return None
+    try:
+        # Looked up here, before any fork: the child should only make the call.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def set_pdeathsig() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return set_pdeathsig
+
+
+_PREEXEC = _pdeathsig_setter()
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM meanwhile, so a second Ctrl-C cannot abandon the cleanup."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in saved:
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def run_wrk(wrk: str, port: int, *, duration: int, connections: int) -> str:
+    """Run wrk against ``port`` and return its report; a failing wrk is a BenchError."""
+    argv = wrk_argv(wrk, port, duration=duration, connections=connections)
+    try:
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_PREEXEC,
+            capture_output=True,
+            text=True,
+            timeout=duration + WRK_GRACE_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(
+            f"wrk did not finish within {duration + WRK_GRACE_S:.0f} s: {shlex.join(argv)}"
+        ) from None
+    if done.returncode != 0:
+        raise BenchError(
+            f"wrk failed (exit {done.returncode}): {shlex.join(argv)}\n{done.stdout}{done.stderr}"
+        )
+    return done.stdout
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    logs: tuple[Path, ...]
+
+    def log_tail(self, lines: int = 20) -> str:
+        parts = []
+        for log in self.logs:
+            with contextlib.suppress(OSError):
+                text = log.read_text(errors="replace").splitlines()[-lines:]
+                if text:
+                    parts.append(f"--- last lines of {log.name} ---\n" + "\n".join(text))
+        return "\n".join(parts) if parts else "(no log output)"
+
+    def check_alive(self, when: str) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            raise BenchError(f"{self.name} exited with code {code} {when}\n{self.log_tail()}")
+
+
+class ProcessSet:
+    """Servers started by the benchmark, stopped together on exit whatever happened.
+
+    Each runs in a session of its own: Ctrl-C on the terminal then reaches only the benchmark,
+    which stops them all, and signalling the process group also reaches the workers that nginx
+    or the edge forked.
+    """
+
+    def __init__(self) -> None:
+        self._servers: list[Server] = []
+
+    def __enter__(self) -> ProcessSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def start(
+        self, name: str, argv: Sequence[str], port: int, log: Path, extra_logs: Sequence[Path] = ()
+    ) -> Server:
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_PREEXEC,
+            )
+        server = Server(name=name, port=port, proc=proc, logs=(log, *extra_logs))
+        self._servers.append(server)
+        return server
+
+    def stop_all(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        with _signals_deferred():
+            servers, self._servers = self._servers, []
+            for server in servers:
+                _signal_group(server.proc, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for server in servers:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    server.proc.wait(max(0.0, deadline - time.monotonic()))
+            for server in servers:
+                # Also after a clean exit of the leader: kills any worker it left behind.
+                _signal_group(server.proc, signal.SIGKILL)
+                server.proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def http_get(port: int, host_header: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", "/", headers={"Host": host_header})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def wait_ready(server: Server, timeout: float = START_TIMEOUT_S) -> None:
+    """Wait until ``GET /`` through ``server`` returns 200 with the upstream's body."""
+    deadline = time.monotonic() + timeout
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        server.check_alive("before answering GET /")
+        try:
+            status, body = http_get(server.port, VHOST)
+        except (OSError, http.client.HTTPException) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        else:
+            if status == 200 and body == UPSTREAM_BODY:
+                return
+            last = f"HTTP {status} with body {body[:100]!r}"
+        time.sleep(0.05)
+    raise BenchError(
+        f"{server.name} did not answer GET / on {HOST}:{server.port} with 200 "
+        f"within {timeout:.0f} s (last attempt: {last})\n{server.log_tail()}"
+    )
+
+
+# --- nginx and edge ------------------------------------------------------------------------
+
+
+def _nginx_conf(prefix: Path, http_block: str) -> str:
+    # Temp paths are set explicitly because Debian's compiled-in ones live in /var/lib/nginx.
+    temp = "\n".join(
+        f"    {kind}_temp_path {prefix / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""\
+worker_processes 1;
+daemon off;
+master_process on;
+pid {prefix / "nginx.pid"};
+error_log {prefix / "error.log"} warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+{temp}
+    # Clients keep their connections for the whole run, as wrk expects.
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+{http_block}}}
+"""
+
+
+def upstream_conf(prefix: Path, port: int) -> str:
+    body = UPSTREAM_BODY.decode().replace("\n", "\\n")
+    return _nginx_conf(
+        prefix,
+        f"""\
+    server {{
+        listen {HOST}:{port};
+        location / {{
+            default_type text/plain;
+            return 200 "{body}";
+        }}
+    }}
+""",
+    )
+
+
+def nginx_proxy_conf(prefix: Path, port: int, upstream_port: int) -> str:
+    return _nginx_conf(
+        prefix,
+        f"""\
+    upstream backend {{
+        server {HOST}:{upstream_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {HOST}:{port} default_server;
+        return 404;
+    }}
+    server {{
+        # Host routing and forwarding headers: the work the edge does too.
+        listen {HOST}:{port};
+        server_name {VHOST};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+        }}
+    }}
+""",
+    )
+
+
+def start_nginx(
+    procs: ProcessSet, nginx: str, name: str, prefix: Path, port: int, conf: str
+) -> Server:
+    prefix.mkdir(parents=True)
+    # nginx workers drop privileges when started as root and must still reach the temp dirs.
+    prefix.chmod(0o755)
+    conf_path = prefix / "nginx.conf"
+    conf_path.write_text(conf)
+    # -e: startup messages go to our log instead of Debian's /var/log/nginx/error.log.
+    argv = [nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf_path)]
+    return procs.start(name, argv, port, prefix / "stdout.log", extra_logs=[prefix / "error.log"])
+
+
+def start_edge(
+    procs: ProcessSet, edge_cmd: Sequence[str], workdir: Path, port: int, upstream_port: int
+) -> Server:
+    if not edge_cmd or which(edge_cmd[0]) is None:
+        raise BenchError(
+            f"edge command not found: {shlex.join(edge_cmd)!r}; install the project first "
+            "(.venv/bin/pip install -e '.[dev]') or pass --edge-cmd"
+        )
+    workdir.mkdir(parents=True)
+    routes = workdir / "routes.json"
+    routes.write_text(json.dumps({"routes": {VHOST: [f"{HOST}:{upstream_port}"]}}))
+    argv = [
+        *edge_cmd,
+        "edge",
+        "--routes",
+        str(routes),
+        "--http-port",
+        str(port),
+        "--workers",
+        "1",
+        *_edge_host_args(edge_cmd),
+    ]
+    return procs.start("edge", argv, port, workdir / "edge.log")
+
+
+def _edge_host_args(edge_cmd: Sequence[str]) -> list[str]:
+    # Keep the edge on loopback like everything else here, where the CLI lets us choose.
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            [*edge_cmd, "edge", "--help"], capture_output=True, text=True, timeout=20, check=False
+        )
+        for flag in ("--host", "--http-host"):
+            if re.search(rf"(?<![\w-]){flag}(?![\w-])", done.stdout):
+                return [flag, HOST]
+    return []
+
+
+# --- the benchmark -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    duration: int = 10
+    connections: int = 50
+    rounds: int = 3
+    warmup: int = 2
+    targets: tuple[str, ...] = TARGETS
+    edge_cmd: tuple[str, ...] = field(default_factory=default_edge_cmd)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise BenchError(
+                f"targets must be distinct names among {', '.join(TARGETS)}, "
+                f"got {','.join(self.targets)}"
+            )
+        if self.duration < 1 or self.rounds < 1 or self.warmup < 0:
+            raise BenchError("duration and rounds must be >= 1 and warmup >= 0")
+        if self.connections < WRK_THREADS:
+            raise BenchError(f"connections must be >= {WRK_THREADS} (the wrk threads)")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    round: int
+    target: str
+    result: WrkResult
+
+
+@dataclass(frozen=True)
+class TargetSummary:
+    target: str
+    requests_per_sec: float
+    p50_ms: float
+    p99_ms: float
+    runs: int
+    runs_with_errors: int
+
+
+@dataclass
+class Report:
+    config: BenchConfig
+    environment: dict[str, str] = field(default_factory=dict)
+    measurements: list[Measurement] = field(default_factory=list)
+
+    def results(self, target: str) -> list[WrkResult]:
+        return [m.result for m in self.measurements if m.target == target]
+
+    def summary(self, target: str) -> TargetSummary:
+        results = self.results(target)
+        return TargetSummary(
+            target=target,
+            requests_per_sec=statistics.median(r.requests_per_sec for r in results),
+            p50_ms=statistics.median(r.p50_ms for r in results),
+            p99_ms=statistics.median(r.p99_ms for r in results),
+            runs=len(results),
+            runs_with_errors=sum(1 for r in results if r.errors),
+        )
+
+    def ratios_by_round(self) -> dict[int, float]:
+        """edge/nginx requests/s of each round that measured both."""
+        by_round: dict[int, dict[str, float]] = {}
+        for m in self.measurements:
+            by_round.setdefault(m.round, {})[m.target] = m.result.requests_per_sec
+        return {
+            round_no: figures["edge"] / figures["nginx"]
+            for round_no, figures in sorted(by_round.items())
+            if figures.get("nginx") and "edge" in figures
+        }
+
+    def ratios(self) -> list[float]:
+        return list(self.ratios_by_round().values())
+
+    @property
+    def runs_with_errors(self) -> list[Measurement]:
+        return [m for m in self.measurements if m.result.errors]
+
+
+def _output(argv: list[str]) -> str:
+    """stdout and stderr of a short command, stripped; empty if it cannot run."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        return (done.stdout + done.stderr).strip()
+    return ""
+
+
+def collect_environment(tools: Tools) -> dict[str, str]:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    git = ["git", "-C", str(REPO_ROOT)]
+    commit = _output([*git, "rev-parse", "--short", "HEAD"])
+    commit = commit if re.fullmatch(r"[0-9a-f]{4,40}", commit) else "(none)"
+    # Figures taken on an edge with uncommitted changes must not pass for the commit's.
+    if _output([*git, "status", "--porcelain", "--", "edge"]):
+        commit += " (edge/ modified)"
+    nginx = _output([tools.nginx, "-v"]).removeprefix("nginx version: ")
+    wrk = _output([tools.wrk, "--version"]).split(" [")[0]
+    return {
+        "cpu": f"{os.cpu_count()} x {cpu}",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "nginx": nginx or "nginx ?",
+        "wrk": wrk or "wrk ?",
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def run_benchmark(
+    config: BenchConfig, tools: Tools | None = None, out: TextIO = sys.stdout
+) -> Report:
+    """Start the upstream and the targets, drive them with wrk, stop everything."""
+    tools = tools or find_tools()
+    report = Report(config=config, environment=collect_environment(tools))
+
+    def say(line: str = "") -> None:
+        print(line, file=out, flush=True)
+
+    with contextlib.ExitStack() as stack:
+        tmp = Path(tempfile.mkdtemp(prefix="zeitwork-bench-"))
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        # Entered after the temp dir, so exited first: processes stop before their dir goes.
+        procs = stack.enter_context(ProcessSet())
+
+        port = free_port()
+        prefix = tmp / "upstream"
+        upstream = start_nginx(
+            procs, tools.nginx, "upstream", prefix, port, upstream_conf(prefix, port)
+        )
+        wait_ready(upstream)
+        servers: list[Server] = []
+        for name in config.targets:
+            port = free_port()
+            if name == "edge":
+                server = start_edge(procs, config.edge_cmd, tmp / "edge", port, upstream.port)
+            else:
+                prefix = tmp / "nginx"
+                conf = nginx_proxy_conf(prefix, port, upstream.port)
+                server = start_nginx(procs, tools.nginx, "nginx", prefix, port, conf)
+            wait_ready(server)
+            servers.append(server)
+        say(
+            f"upstream nginx on :{upstream.port}; "
+            + ", ".join(f"{s.name} on :{s.port}" for s in servers)
+        )
+        say(
+            f"wrk -t{WRK_THREADS} -c{config.connections} -d{config.duration}s --latency, "
+            f"{config.rounds} round(s), {config.warmup} s warm-up per run"
+        )
+
+        for round_no in range(1, config.rounds + 1):
+            for server in servers:
+                if config.warmup:
+                    warmup = run_wrk(
+                        tools.wrk,
+                        server.port,
+                        duration=config.warmup,
+                        connections=config.connections,
+                    )
+                    # Not counted, but a hint when the measured run then fails too.
+                    if (warm := parse_wrk_output(warmup)).errors:
+                        say(f"(warm-up of {server.name}: {warm.describe_errors()})")
+                output = run_wrk(
+                    tools.wrk, server.port, duration=config.duration, connections=config.connections
+                )
+                # A target that crashed mid-run would otherwise show up as mere socket errors.
+                for proc in (server, upstream):
+                    proc.check_alive(f"during round {round_no} of {server.name}")
+                result = parse_wrk_output(output)
+                report.measurements.append(Measurement(round_no, server.name, result))
+                if result.errors:
+                    say(f"!! round {round_no}, {server.name}: {result.describe_errors()}")
+                    say(output.rstrip())
+            say()
+            say(format_round_table(report, round_no))
+        return report
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def format_ms(value: float) -> str:
+    return f"{value * 1000:.0f} µs" if value < 1 else f"{value:.2f} ms"
+
+
+def _rows(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        indent
+        + "  ".join(
+            cell.rjust(w) if i else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def format_round_table(report: Report, round_no: int) -> str:
+    rows = [
+        [
+            m.target,
+            f"{m.result.requests_per_sec:,.0f}",
+            format_ms(m.result.p50_ms),
+            format_ms(m.result.p99_ms),
+            str(m.result.errors) + (" !!" if m.result.errors else ""),
+        ]
+        for m in report.measurements
+        if m.round == round_no
+    ]
+    text = f"round {round_no}/{report.config.rounds}\n" + _rows(
+        ["target", "req/s", "p50", "p99", "errors"], rows
+    )
+    ratios = report.ratios_by_round()
+    if round_no in ratios:
+        text += f"\n  edge/nginx req/s: {ratios[round_no]:.2f}"
+    return text
+
+
+def format_summary(report: Report) -> str:
+    rows = []
+    for target in report.config.targets:
+        s = report.summary(target)
+        rows.append(
+            [
+                target,
+                f"{s.requests_per_sec:,.0f}",
+                format_ms(s.p50_ms),
+                format_ms(s.p99_ms),
+                f"{s.runs_with_errors}/{s.runs}",
+            ]
+        )
+    text = "summary (medians over rounds)\n" + _rows(
+        ["target", "req/s", "p50", "p99", "runs with errors"], rows
+    )
+    if ratios := report.ratios():
+        text += (
+            f"\n  edge/nginx req/s: {statistics.median(ratios):.2f} "
+            f"(median of per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})"
+        )
+    if bad := report.runs_with_errors:
+        text += f"\n!! {len(bad)} measured run(s) had errors:" + "".join(
+            f"\n!!   round {m.round}, {m.target}: {m.result.describe_errors()}" for m in bad
+        )
+    return text
+
+
+def render_markdown(report: Report) -> str:
+    c, env = report.config, report.environment
+    lines = [
+        "## Proxy benchmark: edge vs nginx",
+        "",
+        f"`wrk -t{WRK_THREADS} -c{c.connections} -d{c.duration}s --latency`, {c.rounds} rounds "
+        f"interleaved, {c.warmup} s uncounted warm-up before each run. One worker per proxy; "
+        f"the upstream is one nginx worker answering `GET /` with a {len(UPSTREAM_BODY)}-byte "
+        "body over keep-alive connections. Figures are medians over the rounds.",
+        "",
+        "| target | req/s | p50 | p99 | runs with errors |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for target in c.targets:
+        s = report.summary(target)
+        lines.append(
+            f"| {target} | {s.requests_per_sec:,.0f} | {format_ms(s.p50_ms)} "
+            f"| {format_ms(s.p99_ms)} | {s.runs_with_errors}/{s.runs} |"
+        )
+    if ratios := report.ratios():
+        lines += [
+            "",
+            f"edge/nginx requests/s: **{statistics.median(ratios):.2f}** (median of the "
+            f"per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})",
+        ]
+    lines += [
+        "",
+        "| round | target | req/s | p50 | p99 | errors |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {m.round} | {m.target} | {m.result.requests_per_sec:,.0f} "
+        f"| {format_ms(m.result.p50_ms)} | {format_ms(m.result.p99_ms)} | {m.result.errors} |"
+        for m in report.measurements
+    ]
+    if bad := report.runs_with_errors:
+        lines += [
+            "",
+            f"**Warning: {len(bad)} measured run(s) had errors:** "
+            + "; ".join(f"round {m.round} {m.target}: {m.result.describe_errors()}" for m in bad),
+        ]
+    lines += [
+        "",
+        f"Machine: {env.get('cpu', '?')}, Linux {env.get('kernel', '?')}; "
+        f"Python {env.get('python', '?')}, {env.get('nginx', '?')}, {env.get('wrk', '?')}; "
+        f"commit {env.get('commit', '?')}, {env.get('date', '?')}. "
+        "Produced by `python -m bench.proxy`; wrk, the proxies and the upstream share the "
+        "machine's CPUs.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.proxy",
+        description="Benchmark the Zeitwork edge against nginx as a reverse proxy with wrk.",
+    )
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="uncounted seconds before a run")
+    parser.add_argument(
+        "--targets", default=",".join(TARGETS), help="comma-separated, among edge,nginx"
+    )
+    parser.add_argument(
+        "--edge-cmd",
+        default=shlex.join(default_edge_cmd()),
+        help="command that runs the zeitwork CLI (default: the venv's zeitwork)",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=DEFAULT_OUTPUT, help="Markdown summary written here"
+    )
+    return parser.parse_args(argv)
+
+
+def _raise_system_exit(signum: int, _frame: FrameType | None) -> None:
+    # Turns SIGTERM/SIGHUP into an exception so the cleanup in finally blocks runs.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    handlers: dict[signal.Signals, Callable[[int, FrameType | None], None]] = {
+        signal.SIGTERM: _raise_system_exit,
+        signal.SIGHUP: _raise_system_exit,
+    }
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    try:
+        config = BenchConfig(
+            duration=args.duration,
+            connections=args.connections,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+            edge_cmd=tuple(shlex.split(args.edge_cmd)),
+        )
+        report = run_benchmark(config, find_tools())
+    except BenchError as exc:
+        print(f"bench.proxy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench.proxy: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
+    print()
+    print(format_summary(report))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(render_markdown(report))
+    print(f"\nMarkdown summary written to {args.output}")
+    if report.runs_with_errors:
+        print("bench.proxy: some runs had errors, see above", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
