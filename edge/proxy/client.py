@@ -352,7 +352,8 @@ class ClientConnection(asyncio.Protocol):
         if trusted and request_id:
             ex.request_id = request_id
         else:
-            ex.request_id = worker.next_request_id()
+            worker.request_count += 1
+            ex.request_id = b"%s%012x" % (worker.request_id_prefix, worker.request_count)
 
         target = self.url
         if target[:1] != b"/":
@@ -489,7 +490,8 @@ class ClientConnection(asyncio.Protocol):
             return
         route = ex.route
         assert route is not None
-        pool = route.pick(self.worker.now, None)
+        pools = route.pools
+        pool = pools[0] if len(pools) == 1 else route.pick(self.worker.now, None)
         if ex.expect_continue and not ex.request_done:
             self.write(CONTINUE_100)
         self._dispatch(ex, pool)
@@ -550,7 +552,8 @@ class ClientConnection(asyncio.Protocol):
             self.active = None
         if self.transport is None:
             return
-        self._resume(_PAUSE_UPSTREAM)
+        if self.paused:
+            self._resume(_PAUSE_UPSTREAM)
         if not ex.keep_alive or not ex.request_done or self.closing:
             self.close()
             return
@@ -561,7 +564,8 @@ class ClientConnection(asyncio.Protocol):
                 self._resume(_PAUSE_PIPELINE)
             self._start(nxt)
             return
-        self._resume(_PAUSE_PIPELINE)
+        if self.paused:
+            self._resume(_PAUSE_PIPELINE)
         if self.cur is None:
             self.deadline = self.worker.now + self.limits.keepalive_timeout
 

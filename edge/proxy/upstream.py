@@ -156,7 +156,9 @@ class UpstreamConnection(asyncio.Protocol):
         "parser",
         "pool",
         "reason",
+        "response_timeout",
         "reused",
+        "special",
         "transport",
         "tunnel",
         "worker",
@@ -174,19 +176,23 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.tunnel = False
         self.out: list[bytes] = []
-        self._reset_response()
-
-    def _reset_response(self) -> None:
-        self.got_bytes = False
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head_size = 0
-        self.headers_done = False
         self.interim = False
-        self.reason = b""
         self.mode = BODY_NONE
         self.keep_alive = False
         self.chunked_in = False
+        self.response_timeout = pool.worker.limits.upstream_response_timeout
+        self._reset_response()
+
+    def _reset_response(self) -> None:
+        # mode, keep_alive, chunked_in and content_length are set with every head.
+        self.got_bytes = False
+        # The head being built: [status line, name, ": ", value, "\r\n", ...].
+        self.headers: list[bytes] = [b""]
+        self.special: list[tuple[int, bytes, bytes]] = []
         self.content_length: bytes | None = None
+        self.reason = b""
+        self.head_size = 0
+        self.headers_done = False
 
     # -- transport callbacks -------------------------------------------------------------
 
@@ -244,7 +250,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection: the instance is confused; never reuse it.
             self.close()
             return
-        self.deadline = self.worker.now + self.worker.limits.upstream_response_timeout
+        self.deadline = self.worker.now + self.response_timeout
         if self.tunnel:
             client.write(data)
             return
@@ -253,7 +259,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._flush_to(client)
-            if self.ex is not None and self.headers_done and self.parser.get_status_code() == 101:
+            if self.ex is not None and self.parser.get_status_code() == 101:
                 client.start_tunnel(self, data[exc.args[0] :])
             else:
                 self._bad_response("upgrade without 101")
@@ -295,16 +301,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- parser callbacks ------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self.headers = []
-        self.head_size = 0
-        self.headers_done = False
-        self.reason = b""
-        self.content_length = None
-        self.chunked_in = False
-
-    def on_status(self, status: bytes) -> None:
-        self.reason += status
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.headers_done:
@@ -312,7 +310,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_size += len(name) + len(value) + 4
         if self.head_size > MAX_RESPONSE_HEAD:
             raise UpstreamError("response head too large")
-        self.headers.append((name, value))
+        # Ordinary fields go straight into the head being built (after its status line).
+        code = RESPONSE_SPECIAL.get(name.lower())
+        if code is None:
+            self.headers += (name, b": ", value, b"\r\n")
+        elif code == _R_CONTENT_LENGTH:
+            self.content_length = value
+            self.headers += (name, b": ", value, b"\r\n")
+        else:
+            self.special.append((code, name, value))
 
     def on_headers_complete(self) -> None:
         ex = self.ex
@@ -370,19 +376,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _copy_headers(self, status: int) -> tuple[list[bytes], bytes | None]:
         """The status line and the end-to-end headers of the response, plus Via."""
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason)]
+        parts = self.headers
+        parts[0] = b"HTTP/1.1 %d %s\r\n" % (status, self.reason)
+        self.chunked_in = False
         via = None
         drop_extra: list[bytes] | None = None
+        if self.content_length is not None and (status < 200 or status == 204):
+            drop_extra = [b"content-length"]  # these never have a body to frame
         upgrade = None
-        for name, value in self.headers:
-            code = RESPONSE_SPECIAL.get(name.lower())
-            if code is None:
-                parts += (name, b": ", value, b"\r\n")
-            elif code == _R_CONTENT_LENGTH:
-                self.content_length = value
-                if status >= 200 and status != 204:
-                    parts += (name, b": ", value, b"\r\n")
-            elif code == _R_TE:
+        for code, _, value in self.special:
+            if code == _R_TE:
                 self.chunked_in = True
             elif code == _R_VIA:
                 via = value if via is None else via + b", " + value
@@ -407,15 +410,25 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self.interim:
+            # The final response's head follows.
             self.interim = False
+            self.headers = [b""]
+            self.special = []
+            self.content_length = None
+            self.reason = b""
+            self.head_size = 0
+            self.headers_done = False
             return
         ex = self.ex
         if ex is None or ex.finished:
             return  # a HEAD exchange already ended at its head
+        out = self.out
         if self.mode == BODY_CHUNKED:
-            self.out.append(b"0\r\n\r\n")
-        if self.client is not None:
-            self._flush_to(self.client)
+            out.append(b"0\r\n\r\n")
+        client = self.client
+        if out and client is not None:
+            client.write_many(out)
+            out.clear()
         self._finish(ex)
 
     # -- endings ---------------------------------------------------------------------
@@ -430,8 +443,8 @@ class UpstreamConnection(asyncio.Protocol):
         if reusable:
             self.reused = True
             self.deadline = INF
-            if self.transport is not None:
-                self.transport.resume_reading()
+            if client is not None and client.write_paused and self.transport is not None:
+                self.transport.resume_reading()  # paused for that client; idle reads see EOF
             self.pool.release(self)
         else:
             self.pool.busy -= 1

@@ -68,8 +68,9 @@ class ProxyWorker:
         self.shutting_down = False
         self._trusted = config.trusted_proxies
         self._trusted_cache: dict[str, bool] = {}
-        self._rid_prefix = os.urandom(10).hex().encode()
-        self._rid = 0
+        # Request ids: a random prefix per worker and a counter (unique, no syscall per id).
+        self.request_id_prefix = os.urandom(10).hex().encode()
+        self.request_count = 0
         self._server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.Task[None] | None = None
 
@@ -122,10 +123,6 @@ class ProxyWorker:
                 self._trusted_cache.clear()
             self._trusted_cache[ip] = cached
         return cached
-
-    def next_request_id(self) -> bytes:
-        self._rid += 1
-        return b"%s%012x" % (self._rid_prefix, self._rid)
 
     # -- lifecycle -------------------------------------------------------------------
 
