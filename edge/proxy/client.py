@@ -643,7 +643,7 @@ class ClientConnection(asyncio.Protocol):
 
     def write_many(self, data: list[bytes]) -> None:
         if self.transport is not None:
-            self.transport.writelines(data)
+            self.transport.write(data[0] if len(data) == 1 else b"".join(data))
 
     def pause_for_upstream(self) -> None:
         self._pause(_PAUSE_UPSTREAM)

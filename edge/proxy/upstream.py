@@ -294,7 +294,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex.out_size:
             ex.body_sent = True
             ex.out_size = 0
-        self.transport.writelines(out)
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
         if self.client is not None and self.client.paused:
             self.client.resume_for_buffer()
