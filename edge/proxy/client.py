@@ -20,6 +20,7 @@ from edge.proxy.http import (
     CONTINUE_100,
     VIA_TOKEN,
     RequestRejected,
+    connection_options,
     error_response,
 )
 
@@ -388,8 +389,7 @@ class ClientConnection(asyncio.Protocol):
         if not parser.should_keep_alive():
             ex.keep_alive = False
         if connection is not None:
-            tokens = {t.strip() for t in connection.lower().split(b",")}
-            extra = tokens - {b"keep-alive", b"close", b"upgrade", b""}
+            extra = connection_options(connection)
             if extra:
                 parts = parts[:4] + [
                     p
@@ -397,7 +397,7 @@ class ClientConnection(asyncio.Protocol):
                     if parts[i].lower() not in extra
                     for p in parts[i : i + 4]
                 ]
-            if upgrade is not None and b"upgrade" in tokens and parser.should_upgrade():
+            if upgrade is not None and parser.should_upgrade():
                 ex.upgrade = True
                 parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
 

@@ -32,6 +32,21 @@ CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 ALLOWED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"
 
 
+def connection_options(value: bytes) -> list[bytes]:
+    """Field names listed in a Connection header, besides close/keep-alive/upgrade."""
+    lowered = value.lower()
+    if lowered in _PLAIN_CONNECTION:
+        return []
+    return [
+        name
+        for name in (t.strip() for t in lowered.split(b","))
+        if name and name not in _PLAIN_CONNECTION
+    ]
+
+
+_PLAIN_CONNECTION = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
 def reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode("ascii")

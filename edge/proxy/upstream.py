@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from edge.proxy.http import VIA_TOKEN
+from edge.proxy.http import VIA_TOKEN, connection_options
 
 if TYPE_CHECKING:
     from edge.proxy.client import ClientConnection, Exchange
@@ -334,7 +334,7 @@ class UpstreamConnection(asyncio.Protocol):
                 parts.append(b"\r\n")
                 self.out.append(b"".join(parts))
             return
-        self.keep_alive = bool(self.parser.should_keep_alive())
+        self.keep_alive = self.parser.should_keep_alive()
         parts, upgrade = self._copy_headers(status)
         if status == 101:
             # httptools reports the message complete, then raises HttpParserUpgrade with the
@@ -392,8 +392,7 @@ class UpstreamConnection(asyncio.Protocol):
             elif code == _R_UPGRADE:
                 upgrade = value
             elif code == _R_CONNECTION:
-                tokens = [t.strip().lower() for t in value.split(b",")]
-                extra = [t for t in tokens if t and t not in (b"close", b"keep-alive", b"upgrade")]
+                extra = connection_options(value)
                 if extra:
                     drop_extra = (drop_extra or []) + extra
         if drop_extra:
