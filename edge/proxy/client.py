@@ -133,11 +133,14 @@ class ClientConnection(asyncio.Protocol):
         "forwarded",
         "head_size",
         "headers",
+        "host",
+        "host_count",
         "limits",
         "parser",
         "paused",
         "peer",
         "queue",
+        "special",
         "transport",
         "trusted",
         "tunnel",
@@ -156,7 +159,10 @@ class ClientConnection(asyncio.Protocol):
         self.active: Exchange | None = None  # being answered
         self.queue: deque[Exchange] | None = None  # parsed, waiting their turn
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[bytes] = []
+        self.special: list[tuple[int, bytes]] = []
+        self.host = b""
+        self.host_count = 0
         self.head_size = 0
         self.paused = 0
         self.write_paused = False
@@ -263,7 +269,11 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.cur = Exchange()
         self.url = b""
-        self.headers = []
+        # The head for the instance is built as the fields arrive: [method, " ", target,
+        # " HTTP/1.1\r\n", name, ": ", value, "\r\n", ...]; special fields wait aside.
+        self.headers = [b"", b" ", b"", b" HTTP/1.1\r\n"]
+        self.special = []
+        self.host_count = 0
         self.head_size = 0
         self.deadline = self.worker.now + self.limits.header_timeout
 
@@ -278,9 +288,17 @@ class ClientConnection(asyncio.Protocol):
         if self.head_size > self.limits.max_header_size:
             raise RequestRejected(431, "request header fields too large")
         ex = self.cur
-        if ex is not None and not ex.head:
-            self.headers.append((name, value))
-        # else: a trailer field of a chunked body; not forwarded.
+        if ex is None or ex.head:
+            return  # a trailer field of a chunked body; not forwarded
+        code = REQUEST_SPECIAL.get(name.lower())
+        if code is None:
+            self.headers += (name, b": ", value, b"\r\n")
+        elif code == _H_HOST:
+            self.host_count += 1
+            self.host = value
+            self.headers += (name, b": ", value, b"\r\n")
+        else:
+            self.special.append((code, value))
 
     def on_headers_complete(self) -> None:
         ex = self.cur
@@ -303,20 +321,13 @@ class ClientConnection(asyncio.Protocol):
             ex.keep_alive = False
         ex.is_head = method == b"HEAD"
 
-        host = None
-        host_count = 0
+        host = self.host
+        host_count = self.host_count
         content_length = te = connection = upgrade = expect = None
         xff = xfp = xfh = request_id = via = None
-        parts = [method, b" ", b"", b" HTTP/1.1\r\n"]
-        for name, value in self.headers:
-            code = REQUEST_SPECIAL.get(name.lower())
-            if code is None:
-                parts += (name, b": ", value, b"\r\n")
-            elif code == _H_HOST:
-                host_count += 1
-                host = value
-                parts += (name, b": ", value, b"\r\n")
-            elif code == _H_CONTENT_LENGTH:
+        parts = self.headers
+        for code, value in self.special:
+            if code == _H_CONTENT_LENGTH:
                 content_length = value
             elif code == _H_TE:
                 te = value if te is None else te + b"," + value
@@ -424,6 +435,7 @@ class ClientConnection(asyncio.Protocol):
             parts += (b"Content-Length: ", content_length, b"\r\n\r\n")
         else:
             parts.append(b"\r\n")
+        parts[0] = method
         parts[2] = target
         ex.head = b"".join(parts)
         ex.out.append(ex.head)
