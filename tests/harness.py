@@ -57,6 +57,17 @@ class UpstreamRequest:
 Handler = Callable[[UpstreamRequest, asyncio.StreamWriter], Awaitable[None]]
 
 
+def responder(default: bytes, by_target: dict[str, bytes] | None = None) -> Handler:
+    """A handler that writes the raw response ``by_target[req.target]``, or ``default`` for
+    a target not in ``by_target``."""
+    by_target = by_target or {}
+
+    async def handler(req: UpstreamRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(by_target.get(req.target, default))
+
+    return handler
+
+
 async def echo_handler(req: UpstreamRequest, writer: asyncio.StreamWriter) -> None:
     """Answer with a JSON description of the request as the instance received it."""
     body = json.dumps(
@@ -319,14 +330,34 @@ class Client:
             await self.writer.wait_closed()
 
 
-async def request(port: int, raw: bytes, timeout: float = 5.0) -> Response:
-    """Send one raw request on a new connection and read its response."""
+@contextlib.asynccontextmanager
+async def connected(port: int) -> AsyncIterator[Client]:
+    """A :class:`Client` on a new connection to ``port``, closed when the block ends."""
     client = await Client.connect(port)
     try:
-        await client.send(raw)
-        return await client.read_response(timeout)
+        yield client
     finally:
         await client.close()
+
+
+async def request(port: int, raw: bytes, timeout: float = 5.0) -> Response:
+    """Send one raw request on a new connection and read its response."""
+    async with connected(port) as client:
+        await client.send(raw)
+        return await client.read_response(timeout)
+
+
+async def exchange_on_one_connection(
+    port: int, *raw_requests: bytes, timeout: float = 5.0
+) -> list[Response]:
+    """Send ``raw_requests`` one after the other on one new connection, each after the
+    response to the one before it; return the responses in order."""
+    responses = []
+    async with connected(port) as client:
+        for raw in raw_requests:
+            await client.send(raw)
+            responses.append(await client.read_response(timeout))
+    return responses
 
 
 def get(host: str, target: str = "/", extra: str = "") -> bytes:

@@ -94,7 +94,6 @@ class Exchange:
         "request_done",
         "request_id",
         "route",
-        "tried",
         "upgrade",
         "upstream",
         "version_11",
@@ -120,7 +119,6 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self.request_id = b""
         self.attempts = 0
-        self.tried: UpstreamPool | None = None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -522,7 +520,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _dispatch(self, ex: Exchange, pool: UpstreamPool) -> None:
         ex.attempts += 1
-        ex.tried = pool
         conn = pool.acquire()
         if conn is not None:
             conn.attach(self, ex)

@@ -424,10 +424,8 @@ class UpstreamConnection(asyncio.Protocol):
         out = self.out
         if self.mode == BODY_CHUNKED:
             out.append(b"0\r\n\r\n")
-        client = self.client
-        if out and client is not None:
-            client.write_many(out)
-            out.clear()
+        if out:
+            self._flush_to(self.client)
         self._finish(ex)
 
     # -- endings ---------------------------------------------------------------------

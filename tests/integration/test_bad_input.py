@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tests.harness import Client, Edge, Response, Upstream, get, running_edge
+from tests.harness import Client, Edge, Response, Upstream, connected, get, running_edge
 from tests.integration.conftest import StartUpstream
 
 APP = "app.example.com"
@@ -288,12 +288,9 @@ async def test_idle_keepalive_connection_is_closed(
 async def test_silent_connection_is_closed(edge_and_upstream: tuple[Edge, Upstream]) -> None:
     """A connection that never sends a byte is not kept forever (header timeout)."""
     edge, _ = edge_and_upstream
-    client = await Client.connect(edge.port)
-    try:
+    async with connected(edge.port) as client:
         raw = await client.read_raw_until_close(timeout=2)
         assert raw == b"" or raw.startswith(b"HTTP/1.1 408 ")
-    finally:
-        await client.close()
     assert not edge.worker.clients
 
 
@@ -335,13 +332,10 @@ async def test_rejected_request_in_pipeline_is_answered_in_turn(
     """A malformed request behind a good one: the good one is answered first, then the 400,
     then the connection closes; nothing after the bad request is forwarded."""
     edge, up = edge_and_upstream
-    client = await Client.connect(edge.port)
-    try:
+    async with connected(edge.port) as client:
         await client.send(get(APP, "/good") + MALFORMED["cl_and_te"] + get(APP, "/smuggled"))
         first = await client.read_response()
         second = await client.read_response()
         assert (first.status, second.status) == (200, 400)
         assert await client.is_closed_by_peer()
-    finally:
-        await client.close()
     assert [r.target for r in up.requests] == ["/good"]

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Client, UpstreamRequest, eventually, get, request, running_edge
+from tests.harness import (
+    UpstreamRequest,
+    connected,
+    eventually,
+    exchange_on_one_connection,
+    get,
+    request,
+    responder,
+    running_edge,
+)
 from tests.integration.conftest import StartUpstream
 
 APP = "app.example.com"
@@ -126,13 +135,10 @@ async def test_hop_by_hop_response_headers_are_not_forwarded(
 async def test_forwarding_headers_are_set(tmp_path: Path, upstream: StartUpstream) -> None:
     up = await upstream()
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
-            for _ in range(2):
-                await client.send(get("App.Example.com"))
-                assert (await client.read_response()).status == 200
-        finally:
-            await client.close()
+        responses = await exchange_on_one_connection(
+            edge.port, get("App.Example.com"), get("App.Example.com")
+        )
+        assert [r.status for r in responses] == [200, 200]
     first, second = up.requests
     assert first.header("x-forwarded-for") == "127.0.0.1"
     assert first.header("x-forwarded-proto") == "http"
@@ -253,8 +259,7 @@ async def test_head_response_has_no_body_and_connection_stays_usable(
 
     up = await upstream(handler)
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(b"HEAD / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
             head = await client.read_head()
             assert head.startswith(b"HTTP/1.1 200")
@@ -264,8 +269,6 @@ async def test_head_response_has_no_body_and_connection_stays_usable(
             await client.send(get(APP, "/after"))
             resp = await client.read_response()
             assert resp.body == b"get"
-        finally:
-            await client.close()
     assert [r.method for r in up.requests] == ["HEAD", "GET"]
 
 
@@ -274,23 +277,17 @@ async def test_head_response_has_no_body_and_connection_stays_usable(
 async def test_bodiless_statuses_keep_the_connection_in_sync(
     tmp_path: Path, upstream: StartUpstream, status: int
 ) -> None:
-    async def handler(req: UpstreamRequest, writer: asyncio.StreamWriter) -> None:
-        if req.target == "/empty":
-            extra = b'ETag: "v1"\r\n' if status == 304 else b""
-            writer.write(b"HTTP/1.1 %d Nothing\r\n%s\r\n" % (status, extra))
-        else:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
-
-    up = await upstream(handler)
+    extra = b'ETag: "v1"\r\n' if status == 304 else b""
+    up = await upstream(
+        responder(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext",
+            {"/empty": b"HTTP/1.1 %d Nothing\r\n%s\r\n" % (status, extra)},
+        )
+    )
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
-            await client.send(get(APP, "/empty"))
-            first = await client.read_response()
-            await client.send(get(APP, "/next"))
-            second = await client.read_response()
-        finally:
-            await client.close()
+        first, second = await exchange_on_one_connection(
+            edge.port, get(APP, "/empty"), get(APP, "/next")
+        )
         assert edge.pool_sizes() == {up.address: (1, 0)}
     assert first.status == status
     assert first.body == b""
@@ -307,19 +304,15 @@ async def test_response_with_both_te_and_cl_cannot_desync_the_client(
     a Content-Length that no longer matches the body it sends (response splitting), so the
     client either gets the de-chunked body framed correctly or a 502."""
 
-    async def handler(req: UpstreamRequest, writer: asyncio.StreamWriter) -> None:
-        if req.target == "/both":
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
-                b"a\r\n0123456789\r\n0\r\n\r\n"
-            )
-        else:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
-
-    up = await upstream(handler)
+    both = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"a\r\n0123456789\r\n0\r\n\r\n"
+    )
+    up = await upstream(
+        responder(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond", {"/both": both})
+    )
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(get(APP, "/both") + get(APP, "/second"))
             first = await client.read_response()
             if first.status == 200:
@@ -329,8 +322,6 @@ async def test_response_with_both_te_and_cl_cannot_desync_the_client(
                 assert (second.status, second.body) == (200, b"second")
             else:
                 assert first.status == 502
-        finally:
-            await client.close()
 
 
 @pytest.mark.asyncio
@@ -347,17 +338,9 @@ async def test_response_with_both_te_and_cl_cannot_desync_the_client(
 async def test_invalid_upstream_response_is_502(
     tmp_path: Path, upstream: StartUpstream, response: bytes
 ) -> None:
-    async def handler(req: UpstreamRequest, writer: asyncio.StreamWriter) -> None:
-        writer.write(response)
-
-    up = await upstream(handler)
+    up = await upstream(responder(response))
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
-            await client.send(get(APP))
-            resp = await client.read_response(timeout=2)
-        finally:
-            await client.close()
+        resp = await request(edge.port, get(APP), timeout=2)
         assert await eventually(lambda: edge.pool_sizes() == {up.address: (0, 0)})
     assert resp.status == 502
 
@@ -384,19 +367,14 @@ async def test_upstream_connection_that_will_close_is_not_reused(
     its socket open a little longer; the edge must not send the next request over it. Its
     ``Connection: close`` is hop-by-hop: the client's own connection stays open."""
 
-    async def lazy_closer(req: UpstreamRequest, writer: asyncio.StreamWriter) -> None:
-        writer.write(status_line + b"\r\n" + extra + b"Content-Length: 2\r\n\r\nok")
-
+    lazy_closer = responder(status_line + b"\r\n" + extra + b"Content-Length: 2\r\n\r\nok")
     up = await upstream(lazy_closer)
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
-            for i in range(2):
-                await client.send(get(APP, f"/{i}"))
-                resp = await client.read_response(timeout=2)
-                assert resp.status == 200
-                assert resp.header("connection") is None
-        finally:
-            await client.close()
+        responses = await exchange_on_one_connection(
+            edge.port, get(APP, "/0"), get(APP, "/1"), timeout=2
+        )
+    for resp in responses:
+        assert resp.status == 200
+        assert resp.header("connection") is None
     assert [r.target for r in up.requests] == ["/0", "/1"]
     assert up.connections == 2

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Client, UpstreamRequest, echo_handler, get, running_edge
+from tests.harness import UpstreamRequest, connected, echo_handler, get, running_edge
 from tests.integration.conftest import StartUpstream
 
 APP = "app.example.com"
@@ -31,8 +31,7 @@ async def test_http11_keeps_the_connection_alive_by_default(
 ) -> None:
     up = await upstream()
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             for i in range(3):
                 await client.send(get(APP, f"/{i}"))
                 resp = await client.read_response()
@@ -40,8 +39,6 @@ async def test_http11_keeps_the_connection_alive_by_default(
                 assert resp.header("connection") is None
                 assert resp.json()["target"] == f"/{i}"
             assert len(edge.worker.clients) == 1
-        finally:
-            await client.close()
     assert [r.target for r in up.requests] == ["/0", "/1", "/2"]
 
 
@@ -51,15 +48,12 @@ async def test_connection_close_closes_after_the_response(
 ) -> None:
     up = await upstream()
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(get(APP, "/bye", "Connection: close\r\n"))
             resp = await client.read_response()
             assert resp.status == 200
             assert resp.header("connection") == "close"
             assert await client.is_closed_by_peer()
-        finally:
-            await client.close()
         # The client's Connection header is hop-by-hop: the upstream connection stays pooled.
         assert edge.pool_sizes() == {up.address: (1, 0)}
     assert up.requests[0].header("connection") is None
@@ -69,12 +63,9 @@ async def test_connection_close_closes_after_the_response(
 async def test_http10_closes_by_default(tmp_path: Path, upstream: StartUpstream) -> None:
     up = await upstream()
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(b"GET /old HTTP/1.0\r\nHost: app.example.com\r\n\r\n")
             raw = await client.read_raw_until_close(timeout=2)
-        finally:
-            await client.close()
     head, body = split_raw(raw)
     assert head.startswith(b"HTTP/1.1 200 ")
     headers = header_lines(head)
@@ -87,8 +78,7 @@ async def test_http10_closes_by_default(tmp_path: Path, upstream: StartUpstream)
 async def test_http10_keep_alive_is_honoured(tmp_path: Path, upstream: StartUpstream) -> None:
     up = await upstream()
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             for i in range(2):
                 await client.send(
                     b"GET /%d HTTP/1.0\r\nHost: app.example.com\r\nConnection: keep-alive\r\n\r\n"
@@ -99,8 +89,6 @@ async def test_http10_keep_alive_is_honoured(tmp_path: Path, upstream: StartUpst
                 assert resp.header("connection") == "keep-alive"
                 assert resp.json()["target"] == f"/{i}"
             assert not await client.is_closed_by_peer(timeout=0.1)
-        finally:
-            await client.close()
     assert len(up.requests) == 2
 
 
@@ -124,14 +112,11 @@ async def test_http10_client_gets_close_delimited_body_for_unknown_length(
     even when the client asked for keep-alive."""
     up = await upstream(chunked_handler)
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(
                 f"GET / HTTP/1.0\r\nHost: {APP}\r\n{connection}\r\n".encode(),
             )
             raw = await client.read_raw_until_close(timeout=2)
-        finally:
-            await client.close()
         # The upstream response was complete: its connection goes back to the pool.
         assert edge.pool_sizes() == {up.address: (1, 0)}
     head, body = split_raw(raw)
@@ -154,8 +139,7 @@ async def test_pipelined_requests_are_answered_in_order(
     a = await upstream(slow_first)
     b = await upstream()
     async with running_edge({APP: [a.address], OTHER: [b.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(
                 get(APP, "/1")
                 + get(OTHER, "/2")
@@ -171,8 +155,6 @@ async def test_pipelined_requests_are_answered_in_order(
             # Still usable after the pipeline.
             await client.send(get(APP, "/6"))
             assert (await client.read_response()).status == 200
-        finally:
-            await client.close()
     assert [r.target for r in a.requests] == ["/1", "/4", "/6"]
     assert [r.target for r in b.requests] == ["/2", "/5"]
 
@@ -182,13 +164,10 @@ async def test_upstream_connections_are_reused(tmp_path: Path, upstream: StartUp
     up = await upstream()
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
         for i in range(3):  # a new client connection each time
-            client = await Client.connect(edge.port)
-            try:
+            async with connected(edge.port) as client:
                 for j in range(2):
                     await client.send(get(APP, f"/{i}/{j}"))
                     assert (await client.read_response()).status == 200
-            finally:
-                await client.close()
         assert edge.pool_sizes() == {up.address: (1, 0)}
     assert len(up.requests) == 6
     assert up.connections == 1
@@ -202,15 +181,12 @@ async def test_nothing_after_connection_close_is_processed(
     further requests on that connection."""
     up = await upstream()
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(get(APP, "/last", "Connection: close\r\n") + get(APP, "/ignored"))
             resp = await client.read_response()
             assert resp.status == 200
             assert resp.header("connection") == "close"
             assert await client.is_closed_by_peer()
-        finally:
-            await client.close()
     assert [r.target for r in up.requests] == ["/last"]
 
 
@@ -224,14 +200,11 @@ async def test_concurrent_clients_share_the_pool(tmp_path: Path, upstream: Start
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
 
         async def one(i: int) -> int:
-            client = await Client.connect(edge.port)
-            try:
+            async with connected(edge.port) as client:
                 await client.send(get(APP, f"/{i}"))
                 resp = await client.read_response()
                 assert resp.json()["target"] == f"/{i}"
                 return resp.status
-            finally:
-                await client.close()
 
         statuses = await asyncio.gather(*(one(i) for i in range(10)))
         assert statuses == [200] * 10

@@ -16,6 +16,7 @@ from tests.harness import (
     Edge,
     Upstream,
     UpstreamRequest,
+    connected,
     eventually,
     open_fds,
     running_edge,
@@ -77,14 +78,11 @@ async def test_client_disconnecting_mid_request_body(
         # The instance never got a complete request (no invented end of body), and the edge
         # still works.
         assert up.requests == []
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(
                 b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 2\r\n\r\nok"
             )
             assert (await client.read_response()).status == 200
-        finally:
-            await client.close()
     assert [r.body for r in up.requests] == [b"ok"]
 
 

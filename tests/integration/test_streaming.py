@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Client, UpstreamRequest, get, running_edge
+from tests.harness import Client, UpstreamRequest, connected, get, running_edge
 from tests.integration.conftest import StartRaw, StartUpstream
 
 APP = "app.example.com"
@@ -39,8 +39,7 @@ async def test_content_length_request_body_is_streamed_intact(
     payload = os.urandom(5 * MiB)
     up = await upstream(digest_handler)
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(
                 b"PUT /upload HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n"
                 % (APP.encode(), len(payload))
@@ -48,8 +47,6 @@ async def test_content_length_request_body_is_streamed_intact(
             for piece in pieces(payload):
                 await client.send(piece)
             resp = await client.read_response()
-        finally:
-            await client.close()
     assert resp.status == 200
     assert resp.body.decode() == hashlib.sha256(payload).hexdigest()
     [seen] = up.requests
@@ -64,8 +61,7 @@ async def test_chunked_request_body_is_streamed_intact(
     payload = os.urandom(4 * MiB + 123)
     up = await upstream(digest_handler)
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(
                 b"POST /upload HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\n\r\n"
                 % APP.encode()
@@ -81,8 +77,6 @@ async def test_chunked_request_body_is_streamed_intact(
             # The connection stays usable after a chunked body.
             await client.send(get(APP, "/after"))
             after = await client.read_response()
-        finally:
-            await client.close()
     assert resp.status == after.status == 200
     assert resp.body.decode() == hashlib.sha256(payload).hexdigest()
     seen = up.requests[0]
@@ -112,14 +106,11 @@ async def test_large_response_body_is_streamed_intact(
 
     up = await upstream(handler)
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(get(APP, "/big"))
             resp = await client.read_response()
             await client.send(get(APP, "/again"))  # and the connection is still good
             again = await client.read_response()
-        finally:
-            await client.close()
         assert edge.pool_sizes() == {up.address: (1, 0)}
     assert resp.status == 200
     assert len(resp.body) == len(payload)
@@ -158,8 +149,7 @@ async def test_response_body_reaches_client_before_upstream_finishes(
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
         for framing in ("chunked", "length"):
             first_seen.clear()
-            client = await Client.connect(edge.port)
-            try:
+            async with connected(edge.port) as client:
                 await client.send(get(APP, f"/{framing}"))
                 head = await client.read_head(timeout=2)
                 assert head.startswith(b"HTTP/1.1 200")
@@ -172,8 +162,6 @@ async def test_response_body_reaches_client_before_upstream_finishes(
                     while b"last!" not in received:
                         received += await client.reader.read(65536)
                 results[framing] = received
-            finally:
-                await client.close()
     assert results["length"] == b"firstlast!"
     assert results["chunked"].startswith(b"5\r\nfirst\r\n")
 
@@ -213,8 +201,7 @@ async def test_flow_control_slow_client_pauses_upstream(
 
     up = await upstream(handler)
     async with running_edge({APP: [up.address]}, tmp_path, write_high_water=256 * 1024) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(get(APP, "/huge"))
             await stalled(written)
             assert written[0] < total, "the upstream wrote everything: the edge never paused"
@@ -232,8 +219,6 @@ async def test_flow_control_slow_client_pauses_upstream(
                     assert data, "connection closed early"
                     got += len(data)
             assert got == total
-        finally:
-            await client.close()
 
 
 @pytest.mark.asyncio
@@ -310,8 +295,7 @@ async def test_request_body_reaches_upstream_before_client_finishes(
 
     port = await raw_upstream(server)
     async with running_edge({APP: [f"127.0.0.1:{port}"]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(
                 b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 10\r\n\r\nfirst"
             )
@@ -319,8 +303,6 @@ async def test_request_body_reaches_upstream_before_client_finishes(
                 await upstream_got_first.wait()
             await client.send(b"last!")
             resp = await client.read_response()
-        finally:
-            await client.close()
     assert resp.status == 200
     assert resp.body == b"ok"
 
@@ -329,8 +311,7 @@ async def test_request_body_reaches_upstream_before_client_finishes(
 async def test_expect_100_continue(tmp_path: Path, upstream: StartUpstream) -> None:
     up = await upstream()
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(
                 b"PUT /e HTTP/1.1\r\nHost: app.example.com\r\nExpect: 100-continue\r\n"
                 b"Content-Length: 11\r\n\r\n"
@@ -340,8 +321,6 @@ async def test_expect_100_continue(tmp_path: Path, upstream: StartUpstream) -> N
             assert not up.requests  # the body is not there yet
             await client.send(b"hello world")
             resp = await client.read_response()
-        finally:
-            await client.close()
     assert resp.status == 200
     [seen] = up.requests
     assert seen.body == b"hello world"
@@ -355,12 +334,9 @@ async def test_expect_100_continue_without_body_gets_no_interim(
     up = await upstream()
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
         resp_raw = b""
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(get(APP, "/e", "Expect: 100-continue\r\nConnection: close\r\n"))
             resp_raw = await client.read_raw_until_close(timeout=2)
-        finally:
-            await client.close()
     assert resp_raw.startswith(b"HTTP/1.1 200 ")
     assert b" 100 " not in resp_raw.split(b"\r\n", 1)[0]
     assert up.requests[0].header("expect") is None
@@ -379,8 +355,7 @@ async def test_expect_100_continue_refused_without_waiting_for_body(
     10.1.1): the client never has to send a body that would be thrown away."""
     up = await upstream()
     async with running_edge({APP: [up.address]}, tmp_path, max_body_size=MiB) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(
                 b"PUT /e HTTP/1.1\r\nHost: %s\r\nExpect: 100-continue\r\n"
                 b"Content-Length: %d\r\n\r\n" % (host.encode(), length)
@@ -388,8 +363,6 @@ async def test_expect_100_continue_refused_without_waiting_for_body(
             resp = await client.read_response(timeout=2)
             assert resp.status == status
             assert await client.is_closed_by_peer()
-        finally:
-            await client.close()
     assert up.requests == []
 
 
@@ -408,14 +381,11 @@ async def test_chunked_response_with_extensions_and_trailers_stays_in_sync(
 
     up = await upstream(handler)
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(get(APP, "/trailers"))
             first = await client.read_response()
             await client.send(get(APP, "/next"))
             second = await client.read_response()
-        finally:
-            await client.close()
     assert first.body == b"hello world"
     assert second.body == b"next"
     assert up.connections == 1
@@ -437,14 +407,11 @@ async def test_messages_split_into_tiny_pieces(tmp_path: Path, upstream: StartUp
     raw = b"POST /tiny HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 9\r\n\r\nsmall body"
     raw = raw[:-1]  # "small bod": 9 bytes
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             for i in range(0, len(raw), 3):
                 await client.send(raw[i : i + 3])
                 await asyncio.sleep(0.002)
             resp = await client.read_response()
-        finally:
-            await client.close()
     assert resp.status == 200
     assert resp.header("x-piece") == "yes"
     assert resp.body == b"abcde"

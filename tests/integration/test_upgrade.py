@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Client, UpstreamRequest, eventually, get, running_edge
+from tests.harness import Client, UpstreamRequest, connected, eventually, get, running_edge
 from tests.integration.conftest import StartUpstream
 
 APP = "app.example.com"
@@ -57,8 +57,7 @@ async def read_until(client: Client, marker: bytes, timeout: float = 2.0) -> byt
 async def test_websocket_upgrade_is_tunnelled(tmp_path: Path, upstream: StartUpstream) -> None:
     up = await upstream(websocket_echo)
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             # Bytes right behind the head belong to the new protocol and must not be lost.
             await client.send(UPGRADE_REQUEST + b"early bytes|")
             status, headers = parse_head(await client.read_head())
@@ -76,8 +75,6 @@ async def test_websocket_upgrade_is_tunnelled(tmp_path: Path, upstream: StartUps
             big = bytes(range(97, 123)) * 40_000  # ~1 MiB
             await client.send(big)
             assert await client.read_exactly(len(big)) == big.upper()
-        finally:
-            await client.close()
         # The client's close ends the tunnel on both sides.
         assert await eventually(lambda: up.open_connections == 0)
         assert await eventually(lambda: not edge.worker.clients and not edge.worker.upstreams)
@@ -101,14 +98,11 @@ async def test_upstream_closing_tunnel_closes_client(
 
     up = await upstream(one_message)
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(UPGRADE_REQUEST)
             status, _ = parse_head(await client.read_head())
             assert status == 101
             assert await client.read_raw_until_close(timeout=2) == b"bye"
-        finally:
-            await client.close()
         assert await eventually(lambda: not edge.worker.clients and not edge.worker.upstreams)
 
 
@@ -129,8 +123,7 @@ async def test_refused_upgrade_response_reaches_client(
 
     up = await upstream(refuse)
     async with running_edge({APP: [up.address]}, tmp_path, keepalive_timeout=5.0) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(UPGRADE_REQUEST)
             resp = await client.read_response()
             assert resp.status == status
@@ -142,5 +135,3 @@ async def test_refused_upgrade_response_reaches_client(
                 await client.send(get(APP, "/next"))
                 nxt = await client.read_response(timeout=2)
                 assert nxt.body == b"no upgrade for /next"
-        finally:
-            await client.close()

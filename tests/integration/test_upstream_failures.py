@@ -16,6 +16,7 @@ from tests.harness import (
     HOST,
     Client,
     UpstreamRequest,
+    connected,
     eventually,
     free_port,
     get,
@@ -59,15 +60,12 @@ def unresponsive_address() -> Iterator[str]:
 async def test_connection_refused_on_every_instance_is_502(tmp_path: Path) -> None:
     dead = [f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"]
     async with running_edge({APP: dead}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             for _ in range(2):
                 await client.send(get(APP))
                 resp = await client.read_response(timeout=2)
                 assert resp.status == 502
                 assert (resp.header("content-type") or "").startswith("text/plain")
-        finally:
-            await client.close()
         assert edge.pool_sizes() == {dead[0]: (0, 0), dead[1]: (0, 0)}
 
 
@@ -80,16 +78,13 @@ async def test_dead_instance_is_retried_on_a_live_one(
     async with running_edge({APP: [dead, live.address]}, tmp_path) as edge:
         statuses = []
         for i in range(6):
-            client = await Client.connect(edge.port)
-            try:
+            async with connected(edge.port) as client:
                 # Bodies too: what was held for the failed connect goes to the live one.
                 await client.send(
                     b"POST /%d HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 6\r\n\r\n"
                     b"body-%d" % (i, i)
                 )
                 statuses.append((await client.read_response(timeout=2)).status)
-            finally:
-                await client.close()
         assert edge.pool_sizes() == {dead: (0, 0), live.address: (1, 0)}
     assert statuses == [200] * 6
     assert [r.target for r in live.requests] == [f"/{i}" for i in range(6)]
@@ -101,14 +96,11 @@ async def test_upstream_connect_timeout_is_502(tmp_path: Path) -> None:
     loop = asyncio.get_running_loop()
     with unresponsive_address() as address:
         async with running_edge({APP: [address]}, tmp_path, upstream_connect_timeout=0.3) as edge:
-            client = await Client.connect(edge.port)
-            try:
+            async with connected(edge.port) as client:
                 start = loop.time()
                 await client.send(get(APP))
                 resp = await client.read_response(timeout=3)
                 elapsed = loop.time() - start
-            finally:
-                await client.close()
     assert resp.status == 502
     assert 0.2 <= elapsed < 2.0  # the timeout path, not a refusal
 
@@ -122,13 +114,10 @@ async def test_connect_timeout_is_retried_on_a_live_instance(
         async with running_edge(
             {APP: [address, live.address]}, tmp_path, upstream_connect_timeout=0.3
         ) as edge:
-            client = await Client.connect(edge.port)
-            try:
+            async with connected(edge.port) as client:
                 for i in range(3):
                     await client.send(get(APP, f"/{i}"))
                     assert (await client.read_response(timeout=3)).status == 200
-            finally:
-                await client.close()
     assert len(live.requests) == 3
 
 
@@ -140,16 +129,13 @@ async def test_upstream_response_timeout_is_504(tmp_path: Path, upstream: StartU
     up = await upstream(never)
     loop = asyncio.get_running_loop()
     async with running_edge({APP: [up.address]}, tmp_path, upstream_response_timeout=0.3) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             start = loop.time()
             await client.send(get(APP))
             resp = await client.read_response(timeout=3)
             elapsed = loop.time() - start
             # A bodiless request was fully read: the client connection stays usable.
             assert resp.header("connection") != "close"
-        finally:
-            await client.close()
         # The stuck upstream connection was abandoned, not pooled.
         assert edge.pool_sizes() == {up.address: (0, 0)}
     assert resp.status == 504
@@ -172,14 +158,11 @@ async def test_upstream_closing_idle_connection_between_requests(
 
     up = await upstream(answer_then_close)
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             for i in range(3):
                 await client.send(get(APP, f"/{i}"))
                 assert (await client.read_response(timeout=2)).status == 200
                 await asyncio.sleep(0.1)
-        finally:
-            await client.close()
     assert [r.target for r in up.requests] == ["/0", "/1", "/2"]
     assert up.connections == 3
 
@@ -213,14 +196,11 @@ async def test_reused_connection_closed_on_arrival_is_retried(
     (idempotent) request again on a new connection; the instance processes it exactly once."""
     up = await upstream(reset_after_first("/first"))
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(get(APP, "/first"))
             assert (await client.read_response(timeout=2)).body == b"/first"
             await client.send(get(APP, "/second"))
             resp = await client.read_response(timeout=2)
-        finally:
-            await client.close()
     assert resp.status == 200
     assert resp.body == b"/second"
     assert [r.target for r in up.requests] == ["/first", "/second"]
@@ -236,16 +216,13 @@ async def test_post_on_reset_reused_connection_is_never_processed_twice(
     own), but the instance never processes it twice, and a retried body arrives whole."""
     up = await upstream(reset_after_first("/first"))
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(get(APP, "/first"))
             assert (await client.read_response(timeout=2)).body == b"/first"
             await client.send(
                 b"POST /second HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 4\r\n\r\nbody"
             )
             resp = await client.read_response(timeout=2)
-        finally:
-            await client.close()
     processed = [r for r in up.requests if r.target == "/second"]
     if resp.status == 200:
         assert [r.body for r in processed] == [b"body"]
@@ -273,20 +250,14 @@ async def test_upstream_dying_mid_body_closes_client(
 
     up = await upstream(die)
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(get(APP))
             with pytest.raises((ConnectionError, h11.RemoteProtocolError)):
                 await client.read_response(timeout=2)
-        finally:
-            await client.close()
         # And on the wire: the head and the 10 bytes, then the end of the connection.
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(get(APP))
             raw = await raw_until_close(client)
-        finally:
-            await client.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"content-length: 1000" in head.lower()
     assert body == b"0123456789"
@@ -307,12 +278,9 @@ async def test_upstream_dying_mid_chunked_body_never_looks_complete(
 
     up = await upstream(die)
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(f"GET / HTTP/{version}\r\nHost: {APP}\r\n\r\n".encode())
             raw = await raw_until_close(client)
-        finally:
-            await client.close()
         assert not edge.worker.clients
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
@@ -346,14 +314,11 @@ async def test_upstream_closing_before_any_response_is_502(
 
     up = await upstream(close_silently)
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             await client.send(
                 b"POST /x HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 2\r\n\r\nhi"
             )
             resp = await client.read_response(timeout=2)
-        finally:
-            await client.close()
     assert resp.status == 502
     assert len(up.requests) == 1
 
@@ -371,14 +336,11 @@ async def test_upstream_stalling_mid_body_closes_client(
     up = await upstream(stall)
     loop = asyncio.get_running_loop()
     async with running_edge({APP: [up.address]}, tmp_path, upstream_response_timeout=0.3) as edge:
-        client = await Client.connect(edge.port)
-        try:
+        async with connected(edge.port) as client:
             start = loop.time()
             await client.send(get(APP))
             raw = await raw_until_close(client)
             elapsed = loop.time() - start
-        finally:
-            await client.close()
         assert await eventually(lambda: edge.pool_sizes() == {up.address: (0, 0)})
         assert await eventually(lambda: up.open_connections == 0)
     assert raw.endswith(b"\r\n\r\n0123456789")
