@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Client, UpstreamRequest, connected, get, running_edge
+from tests.harness import (
+    Client,
+    UpstreamRequest,
+    connected,
+    exchange_on_one_connection,
+    get,
+    responder,
+    running_edge,
+)
 from tests.integration.conftest import StartRaw, StartUpstream
 
 APP = "app.example.com"
@@ -106,11 +114,10 @@ async def test_large_response_body_is_streamed_intact(
 
     up = await upstream(handler)
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        async with connected(edge.port) as client:
-            await client.send(get(APP, "/big"))
-            resp = await client.read_response()
-            await client.send(get(APP, "/again"))  # and the connection is still good
-            again = await client.read_response()
+        # The same again on the same connection: it is still good.
+        resp, again = await exchange_on_one_connection(
+            edge.port, get(APP, "/big"), get(APP, "/again")
+        )
         assert edge.pool_sizes() == {up.address: (1, 0)}
     assert resp.status == 200
     assert len(resp.body) == len(payload)
@@ -370,22 +377,17 @@ async def test_expect_100_continue_refused_without_waiting_for_body(
 async def test_chunked_response_with_extensions_and_trailers_stays_in_sync(
     tmp_path: Path, upstream: StartUpstream
 ) -> None:
-    async def handler(req: UpstreamRequest, writer: asyncio.StreamWriter) -> None:
-        if req.target == "/trailers":
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
-                b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 42\r\n\r\n"
-            )
-        else:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
-
-    up = await upstream(handler)
+    trailers = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+        b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Sum: 42\r\n\r\n"
+    )
+    up = await upstream(
+        responder(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext", {"/trailers": trailers})
+    )
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        async with connected(edge.port) as client:
-            await client.send(get(APP, "/trailers"))
-            first = await client.read_response()
-            await client.send(get(APP, "/next"))
-            second = await client.read_response()
+        first, second = await exchange_on_one_connection(
+            edge.port, get(APP, "/trailers"), get(APP, "/next")
+        )
     assert first.body == b"hello world"
     assert second.body == b"next"
     assert up.connections == 1
