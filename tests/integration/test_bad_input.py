@@ -4,13 +4,14 @@ nothing of them reaches the instance."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from tests.harness import Client, Edge, Response, Upstream, connected, get, running_edge
+from tests.harness import Client, Edge, Response, Upstream, connected, get, request, running_edge
 from tests.integration.conftest import StartUpstream
 
 APP = "app.example.com"
@@ -33,10 +34,13 @@ async def edge_and_upstream(
         yield edge, up
 
 
-async def exchange(edge: Edge, raw: bytes) -> tuple[Response, Client]:
-    client = await Client.connect(edge.port)
-    await client.send(raw)
-    return await client.read_response(timeout=2), client
+@contextlib.asynccontextmanager
+async def exchange(edge: Edge, raw: bytes) -> AsyncIterator[tuple[Response, Client]]:
+    """Send ``raw`` on a new connection and read the response; the connection stays open,
+    for checks on it, until the block ends."""
+    async with connected(edge.port) as client:
+        await client.send(raw)
+        yield await client.read_response(timeout=2), client
 
 
 async def assert_rejected_and_closed(
@@ -44,19 +48,30 @@ async def assert_rejected_and_closed(
 ) -> None:
     """``head_valid``: the head was fine and the body is not, so the edge may already have
     opened a connection to the instance (bodies stream); no request may reach it."""
-    resp, client = await exchange(edge, raw)
-    try:
+    async with exchange(edge, raw) as (resp, client):
         assert resp.status == status, resp.body
         assert resp.header("connection") == "close"
         assert await client.is_closed_by_peer()
-    finally:
-        await client.close()
     assert up.requests == []
     if not head_valid:
         assert up.connections == 0
 
 
 HOST = b"Host: app.example.com\r\n"
+CHUNKED = b"Transfer-Encoding: chunked\r\n"
+
+
+def post(headers: bytes, body: bytes = b"") -> bytes:
+    """``POST /`` to APP with the header lines ``headers`` (each ending in CRLF), then
+    ``body``."""
+    return b"POST / HTTP/1.1\r\n" + HOST + headers + b"\r\n" + body
+
+
+def get_with(headers: bytes) -> bytes:
+    """``GET /`` to APP with the header lines ``headers`` (each ending in CRLF)."""
+    return b"GET / HTTP/1.1\r\n" + HOST + headers + b"\r\n"
+
+
 # Malformed requests whose head is valid: only the chunked body is broken.
 BAD_BODY = {
     "invalid_chunk_size",
@@ -66,35 +81,26 @@ BAD_BODY = {
 }
 
 MALFORMED = {
-    "cl_and_te": b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 5\r\n"
-    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    "te_and_cl": b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n"
-    b"Content-Length: 5\r\n\r\n0\r\n\r\n",
-    "differing_duplicate_cl": b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 5\r\n"
-    b"Content-Length: 6\r\n\r\nhello!",
-    "cl_list": b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 5, 6\r\n\r\nhello!",
-    "te_gzip_chunked": b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: gzip, chunked\r\n"
-    b"\r\n0\r\n\r\n",
-    "te_chunked_twice": b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n"
-    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    "te_identity": b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: identity\r\n\r\n",
-    "obs_fold": b"GET / HTTP/1.1\r\n" + HOST + b"X-Folded: first\r\n  continued\r\n\r\n",
+    "cl_and_te": post(b"Content-Length: 5\r\n" + CHUNKED, b"0\r\n\r\n"),
+    "te_and_cl": post(CHUNKED + b"Content-Length: 5\r\n", b"0\r\n\r\n"),
+    "differing_duplicate_cl": post(b"Content-Length: 5\r\nContent-Length: 6\r\n", b"hello!"),
+    "cl_list": post(b"Content-Length: 5, 6\r\n", b"hello!"),
+    "te_gzip_chunked": post(b"Transfer-Encoding: gzip, chunked\r\n", b"0\r\n\r\n"),
+    "te_chunked_twice": post(CHUNKED + CHUNKED, b"0\r\n\r\n"),
+    "te_identity": post(b"Transfer-Encoding: identity\r\n"),
+    "obs_fold": get_with(b"X-Folded: first\r\n  continued\r\n"),
     "bare_lf": b"GET / HTTP/1.1\n" + HOST.replace(b"\r\n", b"\n") + b"\n",
-    "bare_lf_in_headers": b"GET / HTTP/1.1\r\n" + HOST + b"X-A: 1\nX-B: 2\r\n\r\n",
-    "nul_in_value": b"GET / HTTP/1.1\r\n" + HOST + b"X-Bad: a\x00b\r\n\r\n",
-    "cr_in_value": b"GET / HTTP/1.1\r\n" + HOST + b"X-Bad: a\rb\r\n\r\n",
-    "invalid_chunk_size": b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n"
-    b"\r\nzz\r\nhello\r\n0\r\n\r\n",
-    "negative_chunk_size": b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n"
-    b"\r\n-5\r\nhello\r\n0\r\n\r\n",
-    "overflowing_chunk_size": b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n"
-    b"\r\n10000000000000000000005\r\nhello\r\n0\r\n\r\n",
-    "chunk_data_overrun": b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n"
-    b"\r\n5\r\nhello, world\r\n0\r\n\r\n",
-    "cl_plus_sign": b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: +5\r\n\r\nhello",
-    "cl_negative": b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: -1\r\n\r\n",
-    "cl_not_a_number": b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: five\r\n\r\n",
-    "space_before_colon": b"GET / HTTP/1.1\r\n" + HOST + b"X-Bad : 1\r\n\r\n",
+    "bare_lf_in_headers": get_with(b"X-A: 1\nX-B: 2\r\n"),
+    "nul_in_value": get_with(b"X-Bad: a\x00b\r\n"),
+    "cr_in_value": get_with(b"X-Bad: a\rb\r\n"),
+    "invalid_chunk_size": post(CHUNKED, b"zz\r\nhello\r\n0\r\n\r\n"),
+    "negative_chunk_size": post(CHUNKED, b"-5\r\nhello\r\n0\r\n\r\n"),
+    "overflowing_chunk_size": post(CHUNKED, b"10000000000000000000005\r\nhello\r\n0\r\n\r\n"),
+    "chunk_data_overrun": post(CHUNKED, b"5\r\nhello, world\r\n0\r\n\r\n"),
+    "cl_plus_sign": post(b"Content-Length: +5\r\n", b"hello"),
+    "cl_negative": post(b"Content-Length: -1\r\n"),
+    "cl_not_a_number": post(b"Content-Length: five\r\n"),
+    "space_before_colon": get_with(b"X-Bad : 1\r\n"),
 }
 
 
@@ -122,8 +128,7 @@ async def test_host_header_must_appear_exactly_once(
     edge_and_upstream: tuple[Edge, Upstream], raw: bytes
 ) -> None:
     edge, up = edge_and_upstream
-    resp, client = await exchange(edge, raw)
-    await client.close()
+    resp = await request(edge.port, raw, timeout=2)
     assert resp.status == 400
     assert up.requests == []
 
@@ -140,8 +145,7 @@ async def test_head_over_limit_is_431(edge_and_upstream: tuple[Edge, Upstream]) 
 async def test_head_just_under_limit_is_served(edge_and_upstream: tuple[Edge, Upstream]) -> None:
     edge, up = edge_and_upstream
     raw = get(APP, "/", f"X-Filler: {'v' * 3500}\r\n")
-    resp, client = await exchange(edge, raw)
-    await client.close()
+    resp = await request(edge.port, raw, timeout=2)
     assert resp.status == 200
     assert len(up.requests) == 1
 
@@ -162,8 +166,7 @@ async def test_absolute_form_naming_another_host_is_400(
     edge_and_upstream: tuple[Edge, Upstream], target: bytes
 ) -> None:
     edge, up = edge_and_upstream
-    resp, client = await exchange(edge, b"GET %s HTTP/1.1\r\n%s\r\n" % (target, HOST))
-    await client.close()
+    resp = await request(edge.port, b"GET %s HTTP/1.1\r\n%s\r\n" % (target, HOST), timeout=2)
     assert resp.status == 400
     assert up.requests == []
 
@@ -180,8 +183,7 @@ async def test_connect_is_405_with_allow(
     edge_and_upstream: tuple[Edge, Upstream], raw: bytes
 ) -> None:
     edge, up = edge_and_upstream
-    resp, client = await exchange(edge, raw)
-    try:
+    async with exchange(edge, raw) as (resp, client):
         assert resp.status == 405
         allow = {m.strip() for m in (resp.header("allow") or "").split(",")}
         assert {"GET", "HEAD", "POST"} <= allow
@@ -189,8 +191,6 @@ async def test_connect_is_405_with_allow(
         # Never a tunnel: nothing sent after a CONNECT is relayed anywhere.
         await client.send(b"SSH-2.0-OpenSSH\r\n")
         assert await client.is_closed_by_peer()
-    finally:
-        await client.close()
     assert up.connections == 0
 
 
@@ -205,25 +205,17 @@ async def test_http2_request_line_is_505(edge_and_upstream: tuple[Edge, Upstream
 @pytest.mark.asyncio
 async def test_declared_body_over_limit_is_413(edge_and_upstream: tuple[Edge, Upstream]) -> None:
     edge, up = edge_and_upstream
-    resp, client = await exchange(
-        edge, b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 1001\r\n\r\n" + b"x" * 100
-    )
-    try:
+    async with exchange(edge, post(b"Content-Length: 1001\r\n", b"x" * 100)) as (resp, client):
         assert resp.status == 413
         # The body was not read: the connection cannot be reused.
         assert await client.is_closed_by_peer()
-    finally:
-        await client.close()
     assert up.requests == []
 
 
 @pytest.mark.asyncio
 async def test_body_at_limit_is_served(edge_and_upstream: tuple[Edge, Upstream]) -> None:
     edge, up = edge_and_upstream
-    resp, client = await exchange(
-        edge, b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 1000\r\n\r\n" + b"x" * 1000
-    )
-    await client.close()
+    resp = await request(edge.port, post(b"Content-Length: 1000\r\n", b"x" * 1000), timeout=2)
     assert resp.status == 200
     assert up.requests[0].body == b"x" * 1000
 
@@ -232,28 +224,18 @@ async def test_body_at_limit_is_served(edge_and_upstream: tuple[Edge, Upstream])
 async def test_chunked_body_over_limit_is_413(edge_and_upstream: tuple[Edge, Upstream]) -> None:
     edge, up = edge_and_upstream
     chunk = b"x" * 600
-    raw = (
-        b"POST / HTTP/1.1\r\n"
-        + HOST
-        + b"Transfer-Encoding: chunked\r\n\r\n"
-        + (b"%x\r\n%s\r\n" % (len(chunk), chunk)) * 2
-        + b"0\r\n\r\n"
-    )
-    resp, client = await exchange(edge, raw)
-    try:
+    raw = post(CHUNKED, (b"%x\r\n%s\r\n" % (len(chunk), chunk)) * 2 + b"0\r\n\r\n")
+    async with exchange(edge, raw) as (resp, client):
         assert resp.status == 413
         assert await client.is_closed_by_peer()
-    finally:
-        await client.close()
     assert up.requests == []
 
 
 @pytest.mark.asyncio
 async def test_slowloris_gets_408_and_close(edge_and_upstream: tuple[Edge, Upstream]) -> None:
     edge, up = edge_and_upstream
-    client = await Client.connect(edge.port)
     loop = asyncio.get_running_loop()
-    try:
+    async with connected(edge.port) as client:
         await client.send(b"GET / HTTP/1.1\r\nHost: app.exa")
         start = loop.time()
         await asyncio.sleep(0.1)
@@ -262,8 +244,6 @@ async def test_slowloris_gets_408_and_close(edge_and_upstream: tuple[Edge, Upstr
         assert resp.status == 408
         assert 0.2 <= loop.time() - start < 1.5
         assert await client.is_closed_by_peer()
-    finally:
-        await client.close()
     assert up.requests == []
 
 
@@ -273,14 +253,11 @@ async def test_idle_keepalive_connection_is_closed(
 ) -> None:
     edge, _ = edge_and_upstream
     loop = asyncio.get_running_loop()
-    resp, client = await exchange(edge, get(APP))
-    try:
+    async with exchange(edge, get(APP)) as (resp, client):
         assert resp.status == 200
         start = loop.time()
         assert await client.is_closed_by_peer(timeout=2)
         assert 0.2 <= loop.time() - start < 1.5
-    finally:
-        await client.close()
     assert not edge.worker.clients
 
 
@@ -299,16 +276,13 @@ async def test_unknown_host_is_404_small_plain_page(
     edge_and_upstream: tuple[Edge, Upstream],
 ) -> None:
     edge, up = edge_and_upstream
-    resp, client = await exchange(edge, get("nobody.example.com"))
-    try:
+    async with exchange(edge, get("nobody.example.com")) as (resp, client):
         assert resp.status == 404
         assert (resp.header("content-type") or "").startswith("text/plain")
         assert 0 < len(resp.body) < 512
         # A bodiless request leaves nothing unread: the connection stays usable.
         await client.send(get(APP))
         assert (await client.read_response()).status == 200
-    finally:
-        await client.close()
     assert [r.header("host") for r in up.requests] == [APP]
 
 
@@ -317,8 +291,7 @@ async def test_route_without_instances_is_503_with_retry_after(
     edge_and_upstream: tuple[Edge, Upstream],
 ) -> None:
     edge, up = edge_and_upstream
-    resp, client = await exchange(edge, get(EMPTY))
-    await client.close()
+    resp = await request(edge.port, get(EMPTY), timeout=2)
     assert resp.status == 503
     retry_after = resp.header("retry-after")
     assert retry_after is not None and retry_after.isdigit()

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import UpstreamRequest, connected, echo_handler, get, running_edge
+from tests.harness import (
+    UpstreamRequest,
+    connected,
+    echo_handler,
+    exchange_on_one_connection,
+    get,
+    running_edge,
+)
 from tests.integration.conftest import StartUpstream
 
 APP = "app.example.com"
@@ -164,10 +171,10 @@ async def test_upstream_connections_are_reused(tmp_path: Path, upstream: StartUp
     up = await upstream()
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
         for i in range(3):  # a new client connection each time
-            async with connected(edge.port) as client:
-                for j in range(2):
-                    await client.send(get(APP, f"/{i}/{j}"))
-                    assert (await client.read_response()).status == 200
+            responses = await exchange_on_one_connection(
+                edge.port, get(APP, f"/{i}/0"), get(APP, f"/{i}/1")
+            )
+            assert [r.status for r in responses] == [200, 200]
         assert edge.pool_sizes() == {up.address: (1, 0)}
     assert len(up.requests) == 6
     assert up.connections == 1

@@ -298,6 +298,38 @@ def fetch_new(port: int, host: str, path: str = "/", timeout: float = 5.0) -> Re
         conn.close()
 
 
+@contextlib.contextmanager
+def fetch_in_background(
+    port: int, host: str, path: str, *, join_timeout: float
+) -> Iterator[list[Reply | BaseException]]:
+    """Run ``fetch_new`` (timeout 10 s) in a thread during the block; the list yielded gets
+    its reply or exception. Leaving the block waits up to ``join_timeout`` for the thread."""
+    result: list[Reply | BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fetch_new(port, host, path, timeout=10))
+        except BaseException as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        yield result
+    finally:
+        thread.join(join_timeout)
+
+
+def run_edge_command(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """``zeitwork edge *args`` to completion (bounded), its output captured."""
+    return subprocess.run(
+        [*zeitwork_command(), "edge", *args],
+        capture_output=True,
+        timeout=STARTUP_TIMEOUT,
+        check=False,
+    )
+
+
 class KeptAliveLoop:
     """Requests in a loop on one kept-alive connection, in a thread, counting failures."""
 
@@ -411,17 +443,9 @@ def test_sigterm_finishes_in_flight_request_then_exits_0(
     edge: StartEdge, upstream: ThreadUpstream
 ) -> None:
     process = edge({"app.example.com": [upstream.address]}, "--shutdown-timeout", "10")
-    result: list[Reply | BaseException] = []
-
-    def slow() -> None:
-        try:
-            result.append(fetch_new(process.port, "app.example.com", "/slow?s=3", timeout=10))
-        except BaseException as exc:
-            result.append(exc)
-
-    client = threading.Thread(target=slow)
-    client.start()
-    try:
+    with fetch_in_background(
+        process.port, "app.example.com", "/slow?s=3", join_timeout=10
+    ) as result:
         assert upstream.arrived.wait(5), "the slow request never reached the upstream"
         started = time.monotonic()
         process.signal(signal.SIGTERM)
@@ -435,8 +459,6 @@ def test_sigterm_finishes_in_flight_request_then_exits_0(
 
         wait_for(refused, 2.0, "new connections to be refused")
         assert result == [], "refusal must come while the in-flight request is still running"
-    finally:
-        client.join(10)
     [reply] = result
     assert isinstance(reply, Reply), reply
     assert reply.status == 200
@@ -450,17 +472,9 @@ def test_sigterm_finishes_in_flight_request_then_exits_0(
 
 def test_second_sigint_exits_at_once(edge: StartEdge, upstream: ThreadUpstream) -> None:
     process = edge({"app.example.com": [upstream.address]}, "--shutdown-timeout", "30")
-    result: list[Reply | BaseException] = []
-
-    def slow() -> None:
-        try:
-            result.append(fetch_new(process.port, "app.example.com", "/slow?s=20", timeout=10))
-        except BaseException as exc:
-            result.append(exc)
-
-    client = threading.Thread(target=slow)
-    client.start()
-    try:
+    with fetch_in_background(
+        process.port, "app.example.com", "/slow?s=20", join_timeout=12
+    ) as result:
         assert upstream.arrived.wait(5)
         process.signal_group(signal.SIGINT)
         time.sleep(0.5)
@@ -474,8 +488,6 @@ def test_second_sigint_exits_at_once(edge: StartEdge, upstream: ThreadUpstream) 
         assert time.monotonic() - started < 1.5
         assert code != 0
         wait_gone(process.seen, 1)
-    finally:
-        client.join(12)
     [outcome] = result
     assert not (isinstance(outcome, Reply) and outcome.status == 200)
 
@@ -519,12 +531,7 @@ def test_port_in_use_exits_with_a_clear_message(edge: StartEdge, upstream: Threa
 def test_invalid_routes_file_exits_2_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "routes.json"
     path.write_text('{"routes": {"app.example.com": ["127.0.0.1:99999"]}}')
-    proc = subprocess.run(
-        [*zeitwork_command(), "edge", "--routes", str(path), "--http-port", str(free_port())],
-        capture_output=True,
-        timeout=STARTUP_TIMEOUT,
-        check=False,
-    )
+    proc = run_edge_command("--routes", str(path), "--http-port", str(free_port()))
     err = proc.stderr.decode()
     assert proc.returncode == 2
     assert str(path) in err
@@ -534,12 +541,7 @@ def test_invalid_routes_file_exits_2_naming_it(tmp_path: Path) -> None:
 def test_unreadable_json_exits_2_naming_line(tmp_path: Path) -> None:
     path = tmp_path / "routes.json"
     path.write_text('{\n  "routes": {\n    "app.example.com": ["127.0.0.1:9001",]\n  }\n}\n')
-    proc = subprocess.run(
-        [*zeitwork_command(), "edge", "--routes", str(path)],
-        capture_output=True,
-        timeout=STARTUP_TIMEOUT,
-        check=False,
-    )
+    proc = run_edge_command("--routes", str(path))
     err = proc.stderr.decode()
     assert proc.returncode == 2
     assert str(path) in err

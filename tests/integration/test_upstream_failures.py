@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import select
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import h11
@@ -15,11 +15,14 @@ import pytest
 from tests.harness import (
     HOST,
     Client,
+    Handler,
     UpstreamRequest,
     connected,
     eventually,
+    exchange_on_one_connection,
     free_port,
     get,
+    request,
     running_edge,
 )
 from tests.integration.conftest import StartUpstream
@@ -60,12 +63,10 @@ def unresponsive_address() -> Iterator[str]:
 async def test_connection_refused_on_every_instance_is_502(tmp_path: Path) -> None:
     dead = [f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"]
     async with running_edge({APP: dead}, tmp_path) as edge:
-        async with connected(edge.port) as client:
-            for _ in range(2):
-                await client.send(get(APP))
-                resp = await client.read_response(timeout=2)
-                assert resp.status == 502
-                assert (resp.header("content-type") or "").startswith("text/plain")
+        responses = await exchange_on_one_connection(edge.port, get(APP), get(APP), timeout=2)
+        for resp in responses:
+            assert resp.status == 502
+            assert (resp.header("content-type") or "").startswith("text/plain")
         assert edge.pool_sizes() == {dead[0]: (0, 0), dead[1]: (0, 0)}
 
 
@@ -114,10 +115,10 @@ async def test_connect_timeout_is_retried_on_a_live_instance(
         async with running_edge(
             {APP: [address, live.address]}, tmp_path, upstream_connect_timeout=0.3
         ) as edge:
-            async with connected(edge.port) as client:
-                for i in range(3):
-                    await client.send(get(APP, f"/{i}"))
-                    assert (await client.read_response(timeout=3)).status == 200
+            responses = await exchange_on_one_connection(
+                edge.port, get(APP, "/0"), get(APP, "/1"), get(APP, "/2"), timeout=3
+            )
+            assert [r.status for r in responses] == [200, 200, 200]
     assert len(live.requests) == 3
 
 
@@ -167,9 +168,7 @@ async def test_upstream_closing_idle_connection_between_requests(
     assert up.connections == 3
 
 
-def reset_after_first(
-    reset_on: str,
-) -> Callable[[UpstreamRequest, asyncio.StreamWriter], Awaitable[None]]:
+def reset_after_first(reset_on: str) -> Handler:
     """A handler that answers, and after answering ``reset_on`` waits for the next request's
     bytes to arrive and resets the connection without processing them."""
 
@@ -196,11 +195,10 @@ async def test_reused_connection_closed_on_arrival_is_retried(
     (idempotent) request again on a new connection; the instance processes it exactly once."""
     up = await upstream(reset_after_first("/first"))
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        async with connected(edge.port) as client:
-            await client.send(get(APP, "/first"))
-            assert (await client.read_response(timeout=2)).body == b"/first"
-            await client.send(get(APP, "/second"))
-            resp = await client.read_response(timeout=2)
+        first, resp = await exchange_on_one_connection(
+            edge.port, get(APP, "/first"), get(APP, "/second"), timeout=2
+        )
+    assert first.body == b"/first"
     assert resp.status == 200
     assert resp.body == b"/second"
     assert [r.target for r in up.requests] == ["/first", "/second"]
@@ -216,19 +214,31 @@ async def test_post_on_reset_reused_connection_is_never_processed_twice(
     own), but the instance never processes it twice, and a retried body arrives whole."""
     up = await upstream(reset_after_first("/first"))
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        async with connected(edge.port) as client:
-            await client.send(get(APP, "/first"))
-            assert (await client.read_response(timeout=2)).body == b"/first"
-            await client.send(
-                b"POST /second HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 4\r\n\r\nbody"
-            )
-            resp = await client.read_response(timeout=2)
+        first, resp = await exchange_on_one_connection(
+            edge.port,
+            get(APP, "/first"),
+            b"POST /second HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 4\r\n\r\nbody",
+            timeout=2,
+        )
+    assert first.body == b"/first"
     processed = [r for r in up.requests if r.target == "/second"]
     if resp.status == 200:
         assert [r.body for r in processed] == [b"body"]
     else:
         assert resp.status == 502
         assert processed == []
+
+
+def dies_after(raw: bytes) -> Handler:
+    """A handler that writes ``raw`` (a response cut short), then resets the connection."""
+
+    async def die(req: UpstreamRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(raw)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()
+
+    return die
 
 
 async def raw_until_close(client: Client) -> bytes:
@@ -242,13 +252,7 @@ async def raw_until_close(client: Client) -> bytes:
 async def test_upstream_dying_mid_body_closes_client(
     tmp_path: Path, upstream: StartUpstream
 ) -> None:
-    async def die(req: UpstreamRequest, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.transport.abort()
-
-    up = await upstream(die)
+    up = await upstream(dies_after(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789"))
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
         async with connected(edge.port) as client:
             await client.send(get(APP))
@@ -268,15 +272,11 @@ async def test_upstream_dying_mid_body_closes_client(
 async def test_upstream_dying_mid_chunked_body_never_looks_complete(
     tmp_path: Path, upstream: StartUpstream, version: str
 ) -> None:
-    async def die(req: UpstreamRequest, writer: asyncio.StreamWriter) -> None:
-        writer.write(
+    up = await upstream(
+        dies_after(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n5\r\nab"
         )
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.transport.abort()
-
-    up = await upstream(die)
+    )
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
         async with connected(edge.port) as client:
             await client.send(f"GET / HTTP/{version}\r\nHost: {APP}\r\n\r\n".encode())
@@ -314,11 +314,11 @@ async def test_upstream_closing_before_any_response_is_502(
 
     up = await upstream(close_silently)
     async with running_edge({APP: [up.address]}, tmp_path) as edge:
-        async with connected(edge.port) as client:
-            await client.send(
-                b"POST /x HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 2\r\n\r\nhi"
-            )
-            resp = await client.read_response(timeout=2)
+        resp = await request(
+            edge.port,
+            b"POST /x HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 2\r\n\r\nhi",
+            timeout=2,
+        )
     assert resp.status == 502
     assert len(up.requests) == 1
 

@@ -14,6 +14,7 @@ from tests.unit.conftest import MakeRig
 from tests.unit.fakes import (
     FIXED_DATE,
     REQUEST_ID,
+    FakeClient,
     FakeInstance,
     ProtocolRig,
     parse_responses,
@@ -23,11 +24,22 @@ from tests.unit.fakes import (
 APP = "app.example.com"
 A = "10.0.0.1:8080"
 B = "10.0.0.2:8080"
+GET_ROOT = b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n"
 
 
 def one_instance(make_rig: MakeRig, **kwargs: object) -> tuple[ProtocolRig, FakeInstance]:
     rig = make_rig({APP: [A]}, **kwargs)
     return rig, rig.add_idle_upstream(A)
+
+
+def sent_on_one_instance(
+    make_rig: MakeRig, *data: bytes, **kwargs: object
+) -> tuple[ProtocolRig, FakeInstance, FakeClient]:
+    """:func:`one_instance`, and a new client that has sent ``data`` (a read each)."""
+    rig, up = one_instance(make_rig, **kwargs)
+    client = rig.client()
+    client.send(*data)
+    return rig, up, client
 
 
 def request_id(raw: bytes) -> bytes:
@@ -52,9 +64,8 @@ def forwarded(rid: bytes, host: bytes = b"app.example.com") -> bytes:
 
 @pytest.mark.asyncio
 async def test_simple_get_is_forwarded_with_exact_rewritten_head(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(
+    rig, up, client = sent_on_one_instance(
+        make_rig,
         b"GET /path?q=1 HTTP/1.1\r\n"
         b"Host: app.example.com\r\n"
         b"User-Agent: test/1\r\n"
@@ -67,7 +78,7 @@ async def test_simple_get_is_forwarded_with_exact_rewritten_head(make_rig: MakeR
         b"Upgrade: h2c\r\n"
         b"X-Hop: secret\r\n"
         b"Accept: */*\r\n"
-        b"\r\n"
+        b"\r\n",
     )
     [req] = up.poll()
     rid = request_id(req.raw)
@@ -96,13 +107,12 @@ async def test_request_ids_are_unique_per_request(make_rig: MakeRig) -> None:
 
 @pytest.mark.asyncio
 async def test_untrusted_client_forwarding_headers_are_replaced(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(
+    _, up, _ = sent_on_one_instance(
+        make_rig,
         b"GET / HTTP/1.1\r\nHost: app.example.com\r\n"
         b"X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\n"
         b"X-Forwarded-Host: evil.example\r\nX-Request-Id: chosen-by-client\r\n"
-        b"Via: 1.0 fred\r\n\r\n"
+        b"Via: 1.0 fred\r\n\r\n",
     )
     [req] = up.poll()
     assert req.header(b"x-forwarded-for") == b"203.0.113.7"
@@ -116,12 +126,12 @@ async def test_untrusted_client_forwarding_headers_are_replaced(make_rig: MakeRi
 
 @pytest.mark.asyncio
 async def test_trusted_proxy_forwarding_headers_are_kept_and_appended(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig, trusted_proxies=("203.0.113.0/24",))
-    client = rig.client()
-    client.send(
+    _, up, _ = sent_on_one_instance(
+        make_rig,
         b"GET / HTTP/1.1\r\nHost: app.example.com\r\n"
         b"X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\n"
-        b"X-Forwarded-Host: www.example.org\r\nX-Request-Id: abc-123\r\n\r\n"
+        b"X-Forwarded-Host: www.example.org\r\nX-Request-Id: abc-123\r\n\r\n",
+        trusted_proxies=("203.0.113.0/24",),
     )
     [req] = up.poll()
     assert req.header(b"x-forwarded-for") == b"1.2.3.4, 203.0.113.7"
@@ -176,9 +186,9 @@ async def test_http10_request_is_forwarded_as_http11(make_rig: MakeRig) -> None:
 
 @pytest.mark.asyncio
 async def test_content_length_body_is_streamed_as_it_arrives(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"POST /upload HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 10\r\n\r\nhel")
+    _, up, client = sent_on_one_instance(
+        make_rig, b"POST /upload HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 10\r\n\r\nhel"
+    )
     head = up.transport.data
     rid = request_id(head)
     assert head == (
@@ -214,11 +224,10 @@ async def test_chunked_request_is_rechunked_without_extensions_or_trailers(
 
 @pytest.mark.asyncio
 async def test_expect_100_continue_is_answered_by_the_edge(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(
+    _, up, client = sent_on_one_instance(
+        make_rig,
         b"PUT /f HTTP/1.1\r\nHost: app.example.com\r\nExpect: 100-continue\r\n"
-        b"Content-Length: 5\r\n\r\n"
+        b"Content-Length: 5\r\n\r\n",
     )
     assert client.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert b"expect" not in up.transport.data.lower()
@@ -235,9 +244,7 @@ async def test_expect_100_continue_is_answered_by_the_edge(make_rig: MakeRig) ->
 
 @pytest.mark.asyncio
 async def test_response_head_is_rewritten_exactly(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    rig, up, client = sent_on_one_instance(make_rig, GET_ROOT)
     up.respond(
         b"HTTP/1.1 200 Fine\r\n"
         b"Content-Type: text/plain\r\n"
@@ -267,9 +274,7 @@ async def test_response_head_is_rewritten_exactly(make_rig: MakeRig) -> None:
 
 @pytest.mark.asyncio
 async def test_chunked_response_is_rechunked_for_http11_client(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    _, up, client = sent_on_one_instance(make_rig, GET_ROOT)
     up.respond(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
         b"5;ext=1\r\nhello\r\n"
@@ -284,9 +289,7 @@ async def test_chunked_response_is_rechunked_for_http11_client(make_rig: MakeRig
 
 @pytest.mark.asyncio
 async def test_close_delimited_response_is_chunked_for_http11_client(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    rig, up, client = sent_on_one_instance(make_rig, GET_ROOT)
     up.respond(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello ")
     up.send(b"world")
     up.hang_up()
@@ -302,9 +305,9 @@ async def test_close_delimited_response_is_chunked_for_http11_client(make_rig: M
 
 @pytest.mark.asyncio
 async def test_chunked_response_to_http10_client_is_close_delimited(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.0\r\nHost: app.example.com\r\nConnection: keep-alive\r\n\r\n")
+    _, up, client = sent_on_one_instance(
+        make_rig, b"GET / HTTP/1.0\r\nHost: app.example.com\r\nConnection: keep-alive\r\n\r\n"
+    )
     up.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
     assert client.data == (
         b"HTTP/1.1 200 OK\r\nVia: 1.1 zeitwork\r\nConnection: close\r\n\r\nhello"
@@ -314,9 +317,9 @@ async def test_chunked_response_to_http10_client_is_close_delimited(make_rig: Ma
 
 @pytest.mark.asyncio
 async def test_http10_keep_alive_client_gets_keep_alive(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.0\r\nHost: app.example.com\r\nConnection: keep-alive\r\n\r\n")
+    _, up, client = sent_on_one_instance(
+        make_rig, b"GET / HTTP/1.0\r\nHost: app.example.com\r\nConnection: keep-alive\r\n\r\n"
+    )
     up.respond(response(b"hi"))
     assert client.data == (
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nVia: 1.1 zeitwork\r\n"
@@ -329,9 +332,9 @@ async def test_http10_keep_alive_client_gets_keep_alive(make_rig: MakeRig) -> No
 async def test_http10_client_without_keep_alive_is_closed_after_response(
     make_rig: MakeRig,
 ) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.0\r\nHost: app.example.com\r\n\r\n")
+    _, up, client = sent_on_one_instance(
+        make_rig, b"GET / HTTP/1.0\r\nHost: app.example.com\r\n\r\n"
+    )
     up.respond(response(b"hi"))
     [resp] = parse_responses(client.data, eof=True)
     assert resp.header(b"connection") == b"close"
@@ -340,9 +343,9 @@ async def test_http10_client_without_keep_alive_is_closed_after_response(
 
 @pytest.mark.asyncio
 async def test_connection_close_from_client_closes_after_response(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n")
+    rig, up, client = sent_on_one_instance(
+        make_rig, b"GET / HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n"
+    )
     [req] = up.poll()
     assert req.header(b"connection") is None
     up.respond(response(b"hi"))
@@ -354,9 +357,7 @@ async def test_connection_close_from_client_closes_after_response(make_rig: Make
 
 @pytest.mark.asyncio
 async def test_upstream_connection_close_is_not_reused_but_client_stays(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    rig, up, client = sent_on_one_instance(make_rig, GET_ROOT)
     up.respond(response(b"bye", close=True))
     [resp] = parse_responses(client.data)
     assert (resp.status, resp.body) == (200, b"bye")
@@ -368,9 +369,9 @@ async def test_upstream_connection_close_is_not_reused_but_client_stays(make_rig
 
 @pytest.mark.asyncio
 async def test_early_response_before_request_body_ends_closes_client(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 100\r\n\r\nabc")
+    rig, up, client = sent_on_one_instance(
+        make_rig, b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 100\r\n\r\nabc"
+    )
     up.send(response(b"too big", status=b"413 Payload Too Large"))
     [resp] = parse_responses(client.data, eof=True)
     assert (resp.status, resp.body) == (413, b"too big")
@@ -383,12 +384,12 @@ async def test_early_response_before_request_body_ends_closes_client(make_rig: M
 
 @pytest.mark.asyncio
 async def test_head_response_has_no_body_and_connection_stays_usable(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"HEAD / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    rig, up, client = sent_on_one_instance(
+        make_rig, b"HEAD / HTTP/1.1\r\nHost: app.example.com\r\n\r\n"
+    )
     up.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
     assert client.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nVia: 1.1 zeitwork\r\n\r\n"
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    client.send(GET_ROOT)
     await rig.settle()
     [(inst, req)] = rig.pending_requests()
     assert req.method == b"GET"
@@ -399,9 +400,7 @@ async def test_head_response_has_no_body_and_connection_stays_usable(make_rig: M
 
 @pytest.mark.asyncio
 async def test_interim_103_is_passed_and_100_from_instance_is_not(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    _, up, client = sent_on_one_instance(make_rig, GET_ROOT)
     up.respond(
         b"HTTP/1.1 100 Continue\r\n\r\n"
         b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n" + response(b"x")
@@ -416,11 +415,10 @@ async def test_interim_103_is_passed_and_100_from_instance_is_not(make_rig: Make
 
 @pytest.mark.asyncio
 async def test_pipelined_requests_are_sent_upstream_one_at_a_time(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(
+    rig, up, client = sent_on_one_instance(
+        make_rig,
         b"GET /1 HTTP/1.1\r\nHost: app.example.com\r\n\r\n"
-        b"GET /2 HTTP/1.1\r\nHost: app.example.com\r\n\r\n"
+        b"GET /2 HTTP/1.1\r\nHost: app.example.com\r\n\r\n",
     )
     assert [r.target for r in up.poll()] == [b"/1"]
     assert not client.transport.is_reading()  # the second request waits its turn
@@ -434,12 +432,11 @@ async def test_pipelined_requests_are_sent_upstream_one_at_a_time(make_rig: Make
 
 @pytest.mark.asyncio
 async def test_pipelined_edge_answers_keep_their_place_in_line(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(
+    _, up, client = sent_on_one_instance(
+        make_rig,
         b"GET /1 HTTP/1.1\r\nHost: app.example.com\r\n\r\n"
         b"GET /2 HTTP/1.1\r\nHost: unknown.example.com\r\n\r\n"
-        b"GET /3 HTTP/1.1\r\nHost: app.example.com\r\n\r\n"
+        b"GET /3 HTTP/1.1\r\nHost: app.example.com\r\n\r\n",
     )
     assert client.data == b""  # the 404 must not overtake the first response
     up.respond(response(b"one", headers=b"X-N: 1\r\n"))
@@ -452,11 +449,10 @@ async def test_pipelined_edge_answers_keep_their_place_in_line(make_rig: MakeRig
 
 @pytest.mark.asyncio
 async def test_pipelined_request_with_body_split_across_reads(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(
+    _, up, client = sent_on_one_instance(
+        make_rig,
         b"GET /1 HTTP/1.1\r\nHost: app.example.com\r\n\r\n"
-        b"POST /2 HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 6\r\n\r\nabc"
+        b"POST /2 HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 6\r\n\r\nabc",
     )
     up.respond(response(b"one"))
     client.send(b"def")
@@ -471,9 +467,9 @@ async def test_pipelined_request_with_body_split_across_reads(make_rig: MakeRig)
 async def test_client_reading_pauses_while_upstream_write_buffer_is_full(
     make_rig: MakeRig,
 ) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 100\r\n\r\nab")
+    _, up, client = sent_on_one_instance(
+        make_rig, b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 100\r\n\r\nab"
+    )
     assert client.transport.is_reading()
     up.pause_writing()
     assert not client.transport.is_reading()
@@ -488,9 +484,9 @@ async def test_client_reading_pauses_while_upstream_write_buffer_is_full(
 async def test_upstream_reading_pauses_while_client_write_buffer_is_full(
     make_rig: MakeRig,
 ) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET /big HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    rig, up, client = sent_on_one_instance(
+        make_rig, b"GET /big HTTP/1.1\r\nHost: app.example.com\r\n\r\n"
+    )
     up.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
     client.protocol.pause_writing()
     assert not up.transport.is_reading()
@@ -509,7 +505,7 @@ async def test_upstream_attached_while_client_is_paused_starts_paused(make_rig: 
     rig, up = one_instance(make_rig)
     client = rig.client()
     client.protocol.pause_writing()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    client.send(GET_ROOT)
     assert not up.transport.is_reading()
     client.protocol.resume_writing()
     assert up.transport.is_reading()
@@ -518,9 +514,7 @@ async def test_upstream_attached_while_client_is_paused_starts_paused(make_rig: 
 @pytest.mark.asyncio
 async def test_idle_upstream_goes_back_to_pool_reading(make_rig: MakeRig) -> None:
     """A connection paused for a slow client must not stay paused in the pool."""
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    rig, up, client = sent_on_one_instance(make_rig, GET_ROOT)
     client.protocol.pause_writing()
     up.respond(response(b"x" * 10))
     assert rig.pool(A).idle == [up.conn]
@@ -612,9 +606,7 @@ BAD_REQUESTS = [
 async def test_bad_request_is_answered_and_closed(
     make_rig: MakeRig, raw: bytes, status: int
 ) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(raw)
+    rig, up, client = sent_on_one_instance(make_rig, raw)
     [resp] = parse_responses(client.data, eof=True)
     assert resp.status == status
     assert resp.header(b"connection") == b"close"
@@ -629,9 +621,7 @@ async def test_bad_request_is_answered_and_closed(
 
 @pytest.mark.asyncio
 async def test_bad_request_exact_bytes(make_rig: MakeRig) -> None:
-    rig, _ = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nUser-Agent: x\r\n\r\n")
+    _, _, client = sent_on_one_instance(make_rig, b"GET / HTTP/1.1\r\nUser-Agent: x\r\n\r\n")
     data = client.data
     head, _, body = data.partition(b"\r\n\r\n")
     assert head == (
@@ -648,9 +638,9 @@ async def test_bad_request_exact_bytes(make_rig: MakeRig) -> None:
 
 @pytest.mark.asyncio
 async def test_connect_is_refused_with_allow(make_rig: MakeRig) -> None:
-    rig, _ = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"CONNECT app.example.com:443 HTTP/1.1\r\nHost: app.example.com:443\r\n\r\n")
+    _, _, client = sent_on_one_instance(
+        make_rig, b"CONNECT app.example.com:443 HTTP/1.1\r\nHost: app.example.com:443\r\n\r\n"
+    )
     assert client.data.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
     [resp] = parse_responses(client.data, eof=True)
     allow = resp.header(b"allow") or b""
@@ -661,9 +651,9 @@ async def test_connect_is_refused_with_allow(make_rig: MakeRig) -> None:
 
 @pytest.mark.asyncio
 async def test_unsupported_version_is_505(make_rig: MakeRig) -> None:
-    rig, _ = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/2.0\r\nHost: app.example.com\r\n\r\n")
+    _, _, client = sent_on_one_instance(
+        make_rig, b"GET / HTTP/2.0\r\nHost: app.example.com\r\n\r\n"
+    )
     assert client.data.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n")
     assert client.transport.is_closing()
 
@@ -686,9 +676,11 @@ async def test_head_over_the_limit_is_431(make_rig: MakeRig, split: bool) -> Non
 
 @pytest.mark.asyncio
 async def test_many_small_headers_over_the_limit_are_431(make_rig: MakeRig) -> None:
-    rig, _ = one_instance(make_rig, max_header_size=1024)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n" + b"X-A: b\r\n" * 200 + b"\r\n")
+    _, _, client = sent_on_one_instance(
+        make_rig,
+        b"GET / HTTP/1.1\r\nHost: app.example.com\r\n" + b"X-A: b\r\n" * 200 + b"\r\n",
+        max_header_size=1024,
+    )
     assert client.data.startswith(b"HTTP/1.1 431 ")
     assert client.transport.is_closing()
 
@@ -704,9 +696,11 @@ async def test_head_just_under_the_limit_is_forwarded(make_rig: MakeRig) -> None
 
 @pytest.mark.asyncio
 async def test_body_over_the_limit_is_413(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig, max_body_size=100)
-    client = rig.client()
-    client.send(b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 101\r\n\r\n")
+    _, up, client = sent_on_one_instance(
+        make_rig,
+        b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 101\r\n\r\n",
+        max_body_size=100,
+    )
     assert client.data.startswith(b"HTTP/1.1 413 ")
     assert client.transport.is_closing()
     assert up.transport.data == b""
@@ -714,9 +708,11 @@ async def test_body_over_the_limit_is_413(make_rig: MakeRig) -> None:
 
 @pytest.mark.asyncio
 async def test_chunked_body_over_the_limit_closes(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig, max_body_size=100)
-    client = rig.client()
-    client.send(b"POST / HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n\r\n")
+    _, up, client = sent_on_one_instance(
+        make_rig,
+        b"POST / HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n\r\n",
+        max_body_size=100,
+    )
     client.send(b"40\r\n" + b"a" * 64 + b"\r\n", b"40\r\n" + b"b" * 64 + b"\r\n")
     # Part of the body already went upstream: a 413 may no longer be possible, but the
     # connection must end and the instance must not see a complete request.
@@ -728,25 +724,25 @@ async def test_chunked_body_over_the_limit_closes(make_rig: MakeRig) -> None:
 
 @pytest.mark.asyncio
 async def test_unknown_host_is_404_and_connection_stays(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: nope.example.com\r\n\r\n")
+    _, up, client = sent_on_one_instance(
+        make_rig, b"GET / HTTP/1.1\r\nHost: nope.example.com\r\n\r\n"
+    )
     [resp] = parse_responses(client.take())
     assert resp.status == 404
     assert resp.header(b"connection") is None
     assert resp.header(b"content-type") == b"text/plain; charset=utf-8"
     assert len(resp.header(b"x-request-id") or b"") == 32
     assert not client.transport.is_closing()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    client.send(GET_ROOT)
     up.respond(response(b"ok"))
     assert parse_responses(client.data)[0].status == 200
 
 
 @pytest.mark.asyncio
 async def test_unknown_host_with_body_is_404_and_closed(make_rig: MakeRig) -> None:
-    rig, _ = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"POST / HTTP/1.1\r\nHost: nope.example.com\r\nContent-Length: 3\r\n\r\nabc")
+    _, _, client = sent_on_one_instance(
+        make_rig, b"POST / HTTP/1.1\r\nHost: nope.example.com\r\nContent-Length: 3\r\n\r\nabc"
+    )
     [resp] = parse_responses(client.data, eof=True)
     assert resp.status == 404
     assert client.transport.is_closing()
@@ -754,9 +750,9 @@ async def test_unknown_host_with_body_is_404_and_closed(make_rig: MakeRig) -> No
 
 @pytest.mark.asyncio
 async def test_head_to_unknown_host_has_no_body(make_rig: MakeRig) -> None:
-    rig, _ = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"HEAD / HTTP/1.1\r\nHost: nope.example.com\r\n\r\n")
+    _, _, client = sent_on_one_instance(
+        make_rig, b"HEAD / HTTP/1.1\r\nHost: nope.example.com\r\n\r\n"
+    )
     head, _, body = client.data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 404 Not Found\r\n")
     assert body == b""
@@ -780,7 +776,7 @@ async def test_refused_connect_is_retried_on_another_instance(make_rig: MakeRig)
     rig = make_rig({APP: [A, B]})
     rig.outcomes[A] = ConnectionRefusedError(111, "Connection refused")
     client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    client.send(GET_ROOT)
     await rig.settle()
     assert rig.connects == [A, B]
     [inst] = rig.instances_of(B)
@@ -788,7 +784,7 @@ async def test_refused_connect_is_retried_on_another_instance(make_rig: MakeRig)
     [resp] = parse_responses(client.data)
     assert (resp.status, resp.body) == (200, b"from b")
     # Passive health: the next request skips the instance that refused.
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    client.send(GET_ROOT)
     await rig.settle()
     assert rig.connects == [A, B]
     assert len(inst.poll()) == 2
@@ -804,7 +800,7 @@ async def test_every_instance_failing_to_connect_is_502(
     rig = make_rig({APP: [A, B]})
     rig.outcomes[A] = rig.outcomes[B] = error
     client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    client.send(GET_ROOT)
     await rig.settle()
     assert sorted(rig.connects) == [A, B]
     [resp] = parse_responses(client.data)
@@ -814,9 +810,9 @@ async def test_every_instance_failing_to_connect_is_502(
 
 @pytest.mark.asyncio
 async def test_reused_connection_closed_before_response_is_retried(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET /1 HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    rig, up, client = sent_on_one_instance(
+        make_rig, b"GET /1 HTTP/1.1\r\nHost: app.example.com\r\n\r\n"
+    )
     up.respond(response(b"one"))
     client.take()
     client.send(b"GET /2 HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
@@ -850,9 +846,7 @@ async def test_fresh_connection_closed_before_response_is_502(make_rig: MakeRig)
 
 @pytest.mark.asyncio
 async def test_invalid_response_is_502(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    _, up, client = sent_on_one_instance(make_rig, GET_ROOT)
     up.respond(b"HTTP/1.1 abc nonsense\r\n\r\n")
     [resp] = parse_responses(client.data)
     assert resp.status == 502
@@ -863,9 +857,7 @@ async def test_invalid_response_is_502(make_rig: MakeRig) -> None:
 async def test_upstream_dying_mid_body_closes_client_without_complete_body(
     make_rig: MakeRig,
 ) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    rig, up, client = sent_on_one_instance(make_rig, GET_ROOT)
     up.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
     up.hang_up()
     assert client.transport.is_closing()
@@ -875,9 +867,7 @@ async def test_upstream_dying_mid_body_closes_client_without_complete_body(
 
 @pytest.mark.asyncio
 async def test_upstream_dying_mid_chunked_body_never_sends_last_chunk(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    _, up, client = sent_on_one_instance(make_rig, GET_ROOT)
     up.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
     up.hang_up()
     assert client.transport.is_closing()
@@ -887,9 +877,9 @@ async def test_upstream_dying_mid_chunked_body_never_sends_last_chunk(make_rig: 
 
 @pytest.mark.asyncio
 async def test_client_gone_mid_request_discards_upstream(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 10\r\n\r\nabc")
+    rig, up, client = sent_on_one_instance(
+        make_rig, b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 10\r\n\r\nabc"
+    )
     assert up.transport.data
     client.protocol.connection_lost(ConnectionResetError())
     assert up.transport.aborted
@@ -903,9 +893,7 @@ async def test_client_gone_mid_request_discards_upstream(make_rig: MakeRig) -> N
 
 @pytest.mark.asyncio
 async def test_client_gone_while_waiting_for_response(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    rig, up, client = sent_on_one_instance(make_rig, GET_ROOT)
     client.protocol.connection_lost(None)
     assert up.transport.aborted
     await rig.settle()
@@ -917,9 +905,7 @@ async def test_client_gone_while_waiting_for_response(make_rig: MakeRig) -> None
 async def test_half_close_while_waiting_abandons_the_exchange(make_rig: MakeRig) -> None:
     """A client's FIN counts as giving up (nginx's default): the instance's connection is
     discarded at once instead of being held until its response comes."""
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    rig, up, client = sent_on_one_instance(make_rig, GET_ROOT)
     assert not client.protocol.eof_received()
     assert client.transport.is_closing()
     assert up.transport.aborted
@@ -933,9 +919,9 @@ async def test_half_close_while_waiting_abandons_the_exchange(make_rig: MakeRig)
 
 @pytest.mark.asyncio
 async def test_slow_request_head_is_408(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig, header_timeout=5.0)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.exa")
+    rig, up, client = sent_on_one_instance(
+        make_rig, b"GET / HTTP/1.1\r\nHost: app.exa", header_timeout=5.0
+    )
     rig.fire_timeouts(4.0)
     assert not client.transport.is_closing()
     client.send(b"mple.com\r\nX-Slow: 1\r\n")  # trickling bytes does not extend the deadline
@@ -956,9 +942,7 @@ async def test_silent_connection_is_closed_after_header_timeout(make_rig: MakeRi
 
 @pytest.mark.asyncio
 async def test_idle_keep_alive_is_closed_quietly(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig, keepalive_timeout=5.0)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    rig, up, client = sent_on_one_instance(make_rig, GET_ROOT, keepalive_timeout=5.0)
     up.respond(response())
     answered = client.data
     rig.fire_timeouts(4.0)
@@ -970,9 +954,7 @@ async def test_idle_keep_alive_is_closed_quietly(make_rig: MakeRig) -> None:
 
 @pytest.mark.asyncio
 async def test_upstream_silence_is_504(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig, upstream_response_timeout=5.0)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    rig, up, client = sent_on_one_instance(make_rig, GET_ROOT, upstream_response_timeout=5.0)
     rig.fire_timeouts(6.0)
     [resp] = parse_responses(client.data)
     assert resp.status == 504
@@ -982,9 +964,7 @@ async def test_upstream_silence_is_504(make_rig: MakeRig) -> None:
 
 @pytest.mark.asyncio
 async def test_upstream_silence_mid_body_closes_client(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig, upstream_response_timeout=5.0)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    rig, up, client = sent_on_one_instance(make_rig, GET_ROOT, upstream_response_timeout=5.0)
     up.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
     rig.fire_timeouts(6.0)
     assert client.transport.is_closing()
@@ -993,9 +973,11 @@ async def test_upstream_silence_mid_body_closes_client(make_rig: MakeRig) -> Non
 
 @pytest.mark.asyncio
 async def test_stalled_request_body_ends_the_exchange(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig, body_timeout=5.0)
-    client = rig.client()
-    client.send(b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 10\r\n\r\nabc")
+    rig, up, client = sent_on_one_instance(
+        make_rig,
+        b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 10\r\n\r\nabc",
+        body_timeout=5.0,
+    )
     rig.fire_timeouts(6.0)
     assert client.transport.is_closing()
     assert up.transport.aborted
@@ -1008,12 +990,11 @@ async def test_stalled_request_body_ends_the_exchange(make_rig: MakeRig) -> None
 
 @pytest.mark.asyncio
 async def test_websocket_upgrade_is_tunnelled(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(
+    _, up, client = sent_on_one_instance(
+        make_rig,
         b"GET /ws HTTP/1.1\r\nHost: app.example.com\r\nConnection: Upgrade\r\n"
         b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        b"Sec-WebSocket-Version: 13\r\n\r\nearly"
+        b"Sec-WebSocket-Version: 13\r\n\r\nearly",
     )
     head = up.transport.take()
     assert b"\r\nConnection: upgrade\r\nUpgrade: websocket\r\n" in head
@@ -1038,11 +1019,10 @@ async def test_websocket_upgrade_is_tunnelled(make_rig: MakeRig) -> None:
 
 @pytest.mark.asyncio
 async def test_upgrade_refused_by_instance_is_a_normal_response(make_rig: MakeRig) -> None:
-    rig, up = one_instance(make_rig)
-    client = rig.client()
-    client.send(
+    _, up, client = sent_on_one_instance(
+        make_rig,
         b"GET /ws HTTP/1.1\r\nHost: app.example.com\r\nConnection: Upgrade\r\n"
-        b"Upgrade: websocket\r\n\r\n"
+        b"Upgrade: websocket\r\n\r\n",
     )
     up.respond(response(b"no websockets here", status=b"400 Bad Request"))
     [resp] = parse_responses(client.data)
@@ -1079,8 +1059,6 @@ async def test_graceful_shutdown_finishes_in_flight_and_closes_idle(make_rig: Ma
 
 @pytest.mark.asyncio
 async def test_shutdown_grace_expiry_aborts_in_flight(make_rig: MakeRig) -> None:
-    rig, _ = one_instance(make_rig)
-    client = rig.client()
-    client.send(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+    rig, _, client = sent_on_one_instance(make_rig, GET_ROOT)
     await asyncio.wait_for(rig.worker.shutdown(grace=0.05), 2.0)
     assert client.transport.aborted
