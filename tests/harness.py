@@ -225,10 +225,18 @@ async def running_edge(
     sock = listen_socket(HOST, 0, 128)
     port = sock.getsockname()[1]
     await worker.start(sock)
+    # An exception that escapes a protocol callback reaches the loop's exception handler
+    # (and would only be logged in production): here it fails the test.
+    loop = asyncio.get_running_loop()
+    escaped: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: escaped.append(context))
     try:
         yield Edge(worker, port, routes_path)
     finally:
         await worker.shutdown(grace=1.0)
+        loop.set_exception_handler(previous)
+    assert not escaped, f"exceptions escaped to the event loop: {escaped}"
 
 
 # -- clients ----------------------------------------------------------------------------

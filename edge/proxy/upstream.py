@@ -322,7 +322,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         ex = self.ex
-        assert ex is not None
+        if ex is None:
+            raise UpstreamError("sent a response nobody asked for")
         status = self.parser.get_status_code()
         self.headers_done = True
         if status < 200 and status != 101:
@@ -463,6 +464,8 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is not None:
             ex.upstream = None
             self.pool.busy -= 1
+        else:
+            self.pool.discard(self)  # it was idle in its pool already
         self._abandon()
         if client is None or ex is None:
             return

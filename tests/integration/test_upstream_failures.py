@@ -23,6 +23,7 @@ from tests.harness import (
     free_port,
     get,
     request,
+    responder,
     running_edge,
 )
 from tests.integration.conftest import StartUpstream
@@ -345,3 +346,24 @@ async def test_upstream_stalling_mid_body_closes_client(
         assert await eventually(lambda: up.open_connections == 0)
     assert raw.endswith(b"\r\n\r\n0123456789")
     assert 0.2 <= elapsed < 2.0
+
+
+@pytest.mark.asyncio
+async def test_bytes_after_a_complete_response_do_not_break_the_edge(
+    tmp_path: Path, upstream: StartUpstream
+) -> None:
+    """An instance that sends more than the response it was asked for (here a second,
+    unsolicited response) gets its connection dropped; the client's response is the first
+    one, and the next request is served on a fresh connection."""
+    up = await upstream(
+        responder(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra"
+        )
+    )
+    async with running_edge({APP: [up.address]}, tmp_path) as edge:
+        first = await request(edge.port, get(APP, "/one"))
+        assert (first.status, first.body) == (200, b"ok")
+        second = await request(edge.port, get(APP, "/two"))
+        assert (second.status, second.body) == (200, b"ok")
+    assert up.connections == 2
