@@ -255,6 +255,7 @@ class UpstreamConnection(asyncio.Protocol):
             client.write(data)
             return
         self.got_bytes = True
+        head_pending = not self.headers_done
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -274,6 +275,11 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.out:
             self._flush_to(client)
+        if head_pending and not self.headers_done and self.ex is not None:
+            # Responses are not pipelined: every byte since this one began is its head.
+            self.head_size += len(data)
+            if self.head_size > MAX_RESPONSE_HEAD:
+                self._bad_response("response head too large")
 
     # -- request side ----------------------------------------------------------------
 
@@ -307,9 +313,6 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.headers_done:
             return  # trailer fields are not forwarded
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > MAX_RESPONSE_HEAD:
-            raise UpstreamError("response head too large")
         # Ordinary fields go straight into the head being built (after its status line).
         code = RESPONSE_SPECIAL.get(name.lower())
         if code is None:
@@ -366,7 +369,11 @@ class UpstreamConnection(asyncio.Protocol):
         elif not ex.version_11:
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
-        self.out.append(b"".join(parts))
+        head = b"".join(parts)
+        if len(head) > MAX_RESPONSE_HEAD:
+            self.headers_done = False  # nothing of it reached the client: answer 502
+            raise UpstreamError("response head too large")
+        self.out.append(head)
         if ex.is_head:
             # httptools cannot be told that a HEAD response has no body, so the parser would
             # wait for Content-Length bytes that never come: end the exchange here and do
