@@ -21,6 +21,7 @@ from edge.proxy.http import (
     VIA_TOKEN,
     RequestRejected,
     connection_options,
+    drop_fields,
     error_response,
 )
 
@@ -400,12 +401,7 @@ class ClientConnection(asyncio.Protocol):
         if connection is not None:
             extra = connection_options(connection)
             if extra:
-                parts = parts[:4] + [
-                    p
-                    for i in range(4, len(parts), 4)
-                    if parts[i].lower() not in extra
-                    for p in parts[i : i + 4]
-                ]
+                parts = drop_fields(parts, 4, extra)
             if upgrade is not None and parser.should_upgrade():
                 ex.upgrade = True
                 parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")

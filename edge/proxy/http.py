@@ -47,6 +47,17 @@ def connection_options(value: bytes) -> list[bytes]:
 _PLAIN_CONNECTION = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 
+def drop_fields(parts: list[bytes], start: int, names: list[bytes]) -> list[bytes]:
+    """``parts`` without the fields called ``names`` (a head being built: ``start`` items of
+    request or status line, then name, ": ", value, CRLF per field). Used for the fields a
+    Connection header lists, which are rare, so a second pass is fine."""
+    kept = parts[:start]
+    for i in range(start, len(parts), 4):
+        if parts[i].lower() not in names:
+            kept += parts[i : i + 4]
+    return kept
+
+
 def reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode("ascii")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from edge.proxy.http import VIA_TOKEN, connection_options
+from edge.proxy.http import VIA_TOKEN, connection_options, drop_fields
 
 if TYPE_CHECKING:
     from edge.proxy.client import ClientConnection, Exchange
@@ -252,6 +252,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.deadline = self.worker.now + self.response_timeout
         if self.tunnel:
+            # Traffic either way keeps a tunnel alive.
+            client.deadline = self.worker.now + self.worker.limits.tunnel_idle_timeout
             client.write(data)
             return
         self.got_bytes = True
@@ -404,7 +406,7 @@ class UpstreamConnection(asyncio.Protocol):
                 if extra:
                     drop_extra = (drop_extra or []) + extra
         if drop_extra:
-            parts = _drop_named(parts, drop_extra)
+            parts = drop_fields(parts, 1, drop_extra)
         parts += (b"Via: ", via + b", " + VIA_TOKEN if via else VIA_TOKEN, b"\r\n")
         return parts, upgrade
 
@@ -516,16 +518,6 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-
-
-def _drop_named(parts: list[bytes], names: list[bytes]) -> list[bytes]:
-    """Remove headers named in Connection (rare, so a second pass is fine)."""
-    head, rest = parts[:1], parts[1:]
-    kept = list(head)
-    for i in range(0, len(rest), 4):
-        if rest[i].lower() not in names:
-            kept += rest[i : i + 4]
-    return kept
 
 
 class _DetachedPool:

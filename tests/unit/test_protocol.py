@@ -1018,6 +1018,27 @@ async def test_websocket_upgrade_is_tunnelled(make_rig: MakeRig) -> None:
 
 
 @pytest.mark.asyncio
+async def test_tunnel_idles_out_only_when_both_sides_are_silent(make_rig: MakeRig) -> None:
+    rig, up, client = sent_on_one_instance(
+        make_rig,
+        b"GET /ws HTTP/1.1\r\nHost: app.example.com\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\n\r\n",
+        tunnel_idle_timeout=10.0,
+    )
+    up.send(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    client.take()
+    for _ in range(3):  # the server pushes, the client never speaks
+        rig.fire_timeouts(6.0)
+        up.send(b"\x81\x02hi")
+        assert client.take() == b"\x81\x02hi"
+    assert not client.transport.is_closing()
+    rig.fire_timeouts(11.0)
+    assert client.transport.is_closing()
+
+
+@pytest.mark.asyncio
 async def test_upgrade_refused_by_instance_is_a_normal_response(make_rig: MakeRig) -> None:
     _, up, client = sent_on_one_instance(
         make_rig,
