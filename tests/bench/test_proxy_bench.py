@@ -7,6 +7,7 @@ deliberately slow and faulty upstream (ms and s, non-2xx responses, read and tim
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -39,8 +40,13 @@ from bench.proxy import (
 )
 
 SAMPLES = Path(__file__).parent / "wrk_samples"
+
+
 # One short round per target keeps the two smoke runs within a few seconds.
-SMOKE = {"duration": 1, "connections": 4, "rounds": 1, "warmup": 0}
+def smoke_config(*targets: str, edge_cmd: tuple[str, ...] | None = None) -> BenchConfig:
+    """The shortest real run: one round of 1 s with 4 connections and no warm-up."""
+    config = BenchConfig(targets=targets, duration=1, connections=4, rounds=1, warmup=0)
+    return config if edge_cmd is None else dataclasses.replace(config, edge_cmd=edge_cmd)
 
 
 def _sample(name: str) -> str:
@@ -62,7 +68,8 @@ def test_parse_microseconds_and_milliseconds() -> None:
         90: pytest.approx(0.97),
         99: pytest.approx(1.65),
     }
-    assert (result.p50_ms, result.p99_ms) == (pytest.approx(0.696), pytest.approx(1.65))
+    assert result.p50_ms == pytest.approx(0.696)
+    assert result.p99_ms == pytest.approx(1.65)
     assert result.errors == 0
     assert result.socket_errors == {"connect": 0, "read": 0, "write": 0, "timeout": 0}
 
@@ -127,8 +134,9 @@ def test_report_medians_and_same_round_ratios() -> None:
 
     # Ratios pair runs of the same round: 0.5, 0.9, 0.75; their median is not 100/160.
     assert report.ratios() == pytest.approx([0.5, 0.9, 0.75])
-    edge = report.summary("edge")
-    assert (edge.requests_per_sec, edge.p99_ms, edge.runs_with_errors) == (100.0, 10.0, 0)
+    edge_summary = report.summary("edge")
+    assert (edge_summary.requests_per_sec, edge_summary.p99_ms) == (100.0, 10.0)
+    assert edge_summary.runs_with_errors == 0
     assert report.summary("nginx").runs_with_errors == 1
     assert [(m.round, m.target) for m in report.runs_with_errors] == [(2, "nginx")]
     summary = format_summary(report)
@@ -181,7 +189,7 @@ def _run_and_check(target: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     out = io.StringIO()
 
-    report = run_benchmark(BenchConfig(targets=(target,), **SMOKE), tools, out=out)
+    report = run_benchmark(smoke_config(target), tools, out=out)
 
     [result] = report.results(target)
     assert result.errors == 0, f"{result.describe_errors()}\n{out.getvalue()}"
@@ -232,7 +240,7 @@ def test_errors_are_counted_and_reported(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(bench.proxy, "wrk_argv", unknown_host)
     out = io.StringIO()
 
-    report = run_benchmark(BenchConfig(targets=("nginx",), **SMOKE), tools, out=out)
+    report = run_benchmark(smoke_config("nginx"), tools, out=out)
 
     [result] = report.results("nginx")
     assert result.requests > 0
@@ -252,7 +260,7 @@ def test_target_that_does_not_start_is_a_clear_error(
     crashing = (sys.executable, "-c", "import sys; print('no edge here'); sys.exit(3)")
 
     with pytest.raises(BenchError, match=r"edge exited with code 3 .*\n(.|\n)*no edge here"):
-        run_benchmark(BenchConfig(targets=("edge",), edge_cmd=crashing, **SMOKE), tools)
+        run_benchmark(smoke_config("edge", edge_cmd=crashing), tools)
 
     # The upstream nginx started before the failure is gone, and so is the temp dir.
     assert list(tmp_path.iterdir()) == []
