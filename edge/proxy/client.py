@@ -219,7 +219,7 @@ class ClientConnection(asyncio.Protocol):
         # that as giving up: whatever is in flight is abandoned and the instance's connection
         # discarded, instead of holding both until the response comes.
         if self.active is not None or self.cur is not None or self.tunnel is not None:
-            log.info("client %s: closed the connection before its response", self.peer.decode())
+            log.debug("client %s: closed the connection before its response", self.peer.decode())
         self.close()
         return False
 
@@ -690,7 +690,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()  # idle keep-alive, idle tunnel, or a connection that never spoke
             return
         why = "request head" if not ex.head else "request body"
-        log.info("client %s: %s timed out", self.peer.decode(), why)
+        log.debug("client %s: %s timed out", self.peer.decode(), why)
         if self.active is None or self.active is ex:
             if ex.upstream is not None:
                 ex.upstream.detach_from_client()
