@@ -39,6 +39,9 @@ class RoutingTable:
     routes: Mapping[str, tuple[Address, ...]]
     source: str = ""
     loaded_at: float = field(default_factory=time.time)
+    # The region each instance runs in, where the source knows it (the routes file does not):
+    # the edge prefers instances of its own region.
+    regions: Mapping[Address, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.routes)
