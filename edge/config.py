@@ -42,6 +42,10 @@ class ProxyLimits:
     # Retries on another instance when connecting failed or a reused connection was found
     # closed before anything of the request was consumed.
     retries: int = 1
+    # Passive health: an instance that refused a connection or timed out is skipped for
+    # ejection_time, doubling with each failure in a row up to max_ejection_time.
+    ejection_time: float = 1.0
+    max_ejection_time: float = 30.0
     write_high_water: int = 256 * 1024
     shutdown_timeout: float = 30.0
 
@@ -60,6 +64,8 @@ class ProxyLimits:
             "upstream_idle_timeout",
             "tunnel_idle_timeout",
             "shutdown_timeout",
+            "ejection_time",
+            "max_ejection_time",
         ):
             value = getattr(self, name)
             if not value > 0:
@@ -88,6 +94,8 @@ class EdgeConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     limits: ProxyLimits = field(default_factory=ProxyLimits)
     backlog: int = 2048
+    # The region this edge runs in: its instances are preferred, others serve as failover.
+    region: str = ""
 
     def __post_init__(self) -> None:
         if not 0 < self.http_port < 65536:

@@ -64,7 +64,18 @@ class UpstreamError(Exception):
 class UpstreamPool:
     """Kept-alive connections to one instance, shared by every route that names it."""
 
-    __slots__ = ("address", "busy", "closed", "down_until", "host", "idle", "port", "worker")
+    __slots__ = (
+        "address",
+        "busy",
+        "closed",
+        "down_until",
+        "failures",
+        "host",
+        "idle",
+        "port",
+        "region",
+        "worker",
+    )
 
     def __init__(self, worker: ProxyWorker, address: Address) -> None:
         self.worker = worker
@@ -73,9 +84,18 @@ class UpstreamPool:
         self.port = address.port
         self.idle: list[UpstreamConnection] = []
         self.busy = 0  # connections carrying an exchange or being opened
-        # Passive health: after a failed connect the instance is skipped until this time.
+        self.region = ""
+        # Passive health: an instance that refused a connection or timed out is ejected (not
+        # chosen) until down_until, for longer after each failure in a row.
         self.down_until = 0.0
+        self.failures = 0
         self.closed = False
+
+    def eject(self, now: float) -> None:
+        limits = self.worker.limits
+        self.failures += 1
+        period = limits.ejection_time * 2 ** min(self.failures - 1, 16)
+        self.down_until = now + min(period, limits.max_ejection_time)
 
     def acquire(self) -> UpstreamConnection | None:
         idle = self.idle
@@ -117,7 +137,7 @@ class UpstreamPool:
             )
         except (OSError, TimeoutError) as exc:
             self.busy -= 1
-            self.down_until = worker.now + worker.limits.upstream_connect_timeout
+            self.eject(worker.now)
             kind = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
             client.upstream_connect_failed(ex, self, kind)
             return
@@ -446,6 +466,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex = None
         self.client = None
         ex.upstream = None
+        self.pool.failures = 0  # it answered: a later failure starts a short ejection again
         self._reset_response()
         if reusable:
             self.reused = True
@@ -492,6 +513,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.client = None
         ex.upstream = None
         self.pool.busy -= 1
+        if not self.tunnel:
+            self.pool.eject(self.worker.now)
         self._abandon()
         if self.tunnel:
             client.close()

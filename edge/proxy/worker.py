@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 from email.utils import formatdate
+from random import random
 
 from edge.config import EdgeConfig
 from edge.proxy.client import ClientConnection
@@ -24,31 +25,70 @@ log = logging.getLogger("edge.worker")
 
 
 class Route:
-    """A host's live route in one worker: its instances' pools, chosen round robin."""
+    """A host's live route in one worker: its instances' pools and how one is chosen.
 
-    __slots__ = ("host", "next", "pools")
+    Instances of the edge's own region are preferred; the others serve only while none of
+    those is available (region failover). Among the candidates, power of two choices on
+    in-flight requests; an ejected instance (recent connect failure or timeout) is skipped
+    until its ejection ends, unless every instance is ejected.
+    """
 
-    def __init__(self, host: str, pools: list[UpstreamPool]) -> None:
+    __slots__ = ("host", "local", "pools", "remote")
+
+    def __init__(self, host: str, pools: list[UpstreamPool], region: str = "") -> None:
         self.host = host
         self.pools = pools
-        self.next = 0
+        if region:
+            self.local = [p for p in pools if p.region == region]
+            self.remote = [p for p in pools if p.region != region]
+        else:
+            self.local, self.remote = pools, []
+        if not self.local:  # no instance in this region at all: every region is as good
+            self.local, self.remote = self.remote, []
 
     def pick(self, now: float, avoid: UpstreamPool | None) -> UpstreamPool:
-        """The next instance in turn, skipping ``avoid`` and recently failed ones if it can."""
-        pools = self.pools
-        n = len(pools)
-        start = self.next
-        for i in range(n):
-            pool = pools[(start + i) % n]
-            if pool is not avoid and pool.down_until <= now:
-                self.next = (start + i + 1) % n
-                return pool
-        # Every instance failed recently: try the next one anyway rather than refuse.
-        self.next = (start + 1) % n
-        pool = pools[start % n]
-        if pool is avoid and n > 1:
-            pool = pools[self.next]
+        """An instance for the next request, other than ``avoid`` (a failed attempt) if any
+        other can be had."""
+        pool = _two_choices(self.local, now, avoid)
+        if pool is None and self.remote:
+            pool = _two_choices(self.remote, now, avoid)
+        if pool is None:
+            # Everything is ejected: try the one whose ejection ends first rather than refuse.
+            others = [p for p in self.pools if p is not avoid] or self.pools
+            pool = min(others, key=_ejected_until)
         return pool
+
+
+def _ejected_until(pool: UpstreamPool) -> float:
+    return pool.down_until
+
+
+def _two_choices(
+    pools: list[UpstreamPool], now: float, avoid: UpstreamPool | None
+) -> UpstreamPool | None:
+    """Power of two choices: of two random available instances, the one with fewer requests
+    in flight; None when no instance of ``pools`` is available."""
+    n = len(pools)
+    if n == 1:
+        pool = pools[0]
+        return pool if pool is not avoid and pool.down_until <= now else None
+    i = int(random() * n)
+    j = int(random() * (n - 1))
+    if j >= i:
+        j += 1
+    a, b = pools[i], pools[j]
+    a_ok = a is not avoid and a.down_until <= now
+    b_ok = b is not avoid and b.down_until <= now
+    if a_ok and b_ok:
+        return a if a.busy <= b.busy else b
+    if a_ok or b_ok:
+        return a if a_ok else b
+    available = [p for p in pools if p is not avoid and p.down_until <= now]
+    return min(available, key=_in_flight) if available else None
+
+
+def _in_flight(pool: UpstreamPool) -> int:
+    return pool.busy
 
 
 class ProxyWorker:
@@ -80,15 +120,18 @@ class ProxyWorker:
         """Swap in a new routing table; pools of instances still named are kept."""
         pools: dict[Address, UpstreamPool] = {}
         routes: dict[bytes, Route] = {}
+        regions = table.regions
+        region = self.config.region
         for host, addresses in table.routes.items():
             route_pools = []
             for address in addresses:
                 pool = pools.get(address) or self.pools.get(address)
                 if pool is None:
                     pool = UpstreamPool(self, address)
+                pool.region = regions.get(address, "")
                 pools[address] = pool
                 route_pools.append(pool)
-            routes[host.encode()] = Route(host, route_pools)
+            routes[host.encode()] = Route(host, route_pools, region)
         for address, pool in self.pools.items():
             if address not in pools:
                 pool.close()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
+from edge.config import ProxyLimits
 from edge.proxy.upstream import UpstreamPool
 from edge.proxy.worker import Route
 from edge.routing import (
@@ -217,48 +220,54 @@ def test_validation_error_names_the_file(tmp_path: Path) -> None:
 # -- Route.pick ------------------------------------------------------------------------------
 
 
-def pools(n: int) -> list[UpstreamPool]:
-    # The pools are only compared and asked for down_until: no worker needed.
-    return [UpstreamPool(cast(Any, None), Address(f"10.0.0.{i + 1}", 80)) for i in range(n)]
+def pools(n: int, region: str = "", first: int = 1) -> list[UpstreamPool]:
+    # Pools are only asked for busy, down_until and region (and eject() for its limits).
+    worker = cast(
+        Any, SimpleNamespace(limits=ProxyLimits(ejection_time=1.0, max_ejection_time=8.0))
+    )
+    made = [UpstreamPool(worker, Address(f"10.0.0.{i + first}", 80)) for i in range(n)]
+    for pool in made:
+        pool.region = region
+    return made
 
 
-def test_pick_is_round_robin() -> None:
-    a, b, c = ps = pools(3)
+def test_pick_spreads_over_equally_loaded_instances() -> None:
+    ps = pools(3)
     route = Route("x", ps)
-    assert [route.pick(0.0, None) for _ in range(7)] == [a, b, c, a, b, c, a]
+    counts = Counter(route.pick(0.0, None) for _ in range(3000))
+    assert set(counts) == set(ps)
+    assert all(800 < n < 1200 for n in counts.values()), counts
+
+
+def test_pick_prefers_the_instance_with_fewer_requests_in_flight() -> None:
+    a, b, c = ps = pools(3)
+    a.busy, b.busy, c.busy = 10, 0, 1
+    route = Route("x", ps)
+    picked = Counter(route.pick(0.0, None) for _ in range(600))
+    assert picked[a] == 0  # the busiest loses every pair it is drawn in
+    assert picked[b] > picked[c] > 0  # c wins only when drawn with a
 
 
 def test_pick_skips_avoided_pool() -> None:
     a, b, c = ps = pools(3)
     route = Route("x", ps)
-    assert route.pick(0.0, None) is a
-    assert route.pick(0.0, b) is c  # b was next but just failed
-    assert route.pick(0.0, None) is a
+    assert {route.pick(0.0, b) for _ in range(200)} == {a, c}
 
 
-def test_pick_skips_pools_that_failed_recently() -> None:
+def test_pick_skips_ejected_instances_until_their_ejection_ends() -> None:
     a, b, c = ps = pools(3)
     b.down_until = 100.0
     route = Route("x", ps)
-    assert [route.pick(50.0, None) for _ in range(4)] == [a, c, a, c]
-    assert [route.pick(100.0, None) for _ in range(3)] == [a, b, c]  # back after down_until
+    assert {route.pick(50.0, None) for _ in range(200)} == {a, c}
+    assert b in {route.pick(100.0, None) for _ in range(200)}  # back on its own
 
 
-def test_pick_when_every_pool_is_down_still_returns_one() -> None:
+def test_pick_when_every_pool_is_ejected_takes_the_one_back_soonest() -> None:
     a, b = ps = pools(2)
-    a.down_until = b.down_until = 100.0
+    a.down_until, b.down_until = 100.0, 50.0
     route = Route("x", ps)
-    picked = [route.pick(0.0, None) for _ in range(4)]
-    assert set(picked) == {a, b}  # still spread, never refused
-
-
-def test_pick_when_every_pool_is_down_avoids_the_failed_one() -> None:
-    a, b = ps = pools(2)
-    a.down_until = b.down_until = 100.0
-    route = Route("x", ps)
-    for _ in range(4):
-        assert route.pick(0.0, a) is b
-        assert route.pick(0.0, b) is a
+    assert route.pick(0.0, None) is b  # never refused
+    assert route.pick(0.0, b) is a  # but not the one that just failed
 
 
 def test_pick_single_pool_even_if_avoided() -> None:
@@ -267,3 +276,29 @@ def test_pick_single_pool_even_if_avoided() -> None:
     assert route.pick(0.0, a) is a
     a.down_until = 100.0
     assert route.pick(0.0, a) is a
+
+
+def test_pick_prefers_the_edges_own_region_and_fails_over() -> None:
+    local = pools(2, region="eu-west")
+    remote = pools(2, region="us-east", first=10)
+    route = Route("x", local + remote, region="eu-west")
+    assert {route.pick(0.0, None) for _ in range(200)} == set(local)
+    for pool in local:
+        pool.down_until = 100.0
+    assert {route.pick(0.0, None) for _ in range(200)} == set(remote)  # failover
+    assert {route.pick(100.0, None) for _ in range(200)} == set(local)  # and back
+
+
+def test_pick_without_instances_in_its_region_uses_all() -> None:
+    remote = pools(2, region="us-east")
+    route = Route("x", remote, region="eu-west")
+    assert {route.pick(0.0, None) for _ in range(200)} == set(remote)
+
+
+def test_ejection_grows_with_failures_in_a_row_and_is_capped() -> None:
+    [a] = pools(1)
+    ends = []
+    for _ in range(6):
+        a.eject(0.0)
+        ends.append(a.down_until)
+    assert ends == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
