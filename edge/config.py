@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge.routing import RoutesError, normalize_host
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -81,13 +83,16 @@ class ProxyLimits:
             self.upstream_connect_timeout,
             self.upstream_response_timeout,
             self.upstream_idle_timeout,
+            self.ejection_time,
         )
         return max(0.02, min(1.0, shortest / 5))
 
 
 @dataclass(frozen=True, slots=True)
 class EdgeConfig:
-    routes_path: Path
+    # The routing table's source: a routes file, or the platform database (exactly one; with
+    # neither, the master starts the embedded PostgreSQL and fills in database_url).
+    routes_path: Path | None = None
     http_host: str = "0.0.0.0"
     http_port: int = 8000
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -96,6 +101,14 @@ class EdgeConfig:
     backlog: int = 2048
     # The region this edge runs in: its instances are preferred, others serve as failover.
     region: str = ""
+    database_url: str | None = None
+    # Where the embedded PostgreSQL keeps its data (None: the default under the data home).
+    data_dir: Path | None = None
+    apps_domain: str = "zeitwork.app"
+    # Full reload of a database routing table, covering notifications that never arrived.
+    routes_reload_interval: float = 30.0
+    # A burst of change notifications within this window costs one reload.
+    routes_debounce: float = 0.05
 
     def __post_init__(self) -> None:
         if not 0 < self.http_port < 65536:
@@ -104,6 +117,20 @@ class EdgeConfig:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
         if self.backlog < 1:
             raise ConfigError(f"backlog must be positive, got {self.backlog}")
+        if self.routes_path is not None and self.database_url:
+            raise ConfigError("routes come from a routes file or a database URL, not both")
+        try:
+            valid = normalize_host(self.apps_domain) == self.apps_domain
+        except RoutesError:
+            valid = False
+        if not valid:
+            raise ConfigError(f"apps domain {self.apps_domain!r} is not a lower-case host name")
+        if not self.routes_reload_interval > 0:
+            raise ConfigError(
+                f"routes reload interval must be positive, got {self.routes_reload_interval}"
+            )
+        if not self.routes_debounce >= 0:
+            raise ConfigError(f"routes debounce must be >= 0, got {self.routes_debounce}")
 
 
 def parse_networks(values: list[str]) -> tuple[IPNetwork, ...]:

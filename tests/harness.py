@@ -145,6 +145,10 @@ class Upstream:
                     conn.receive_data(req.rest)
         except (ConnectionError, h11.RemoteProtocolError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # stop() cancelled a handler that never finishes; ending normally keeps asyncio's
+            # server callback from reporting the cancellation to the loop.
+            pass
         finally:
             self.open_connections -= 1
             self._writers.discard(writer)
@@ -206,6 +210,7 @@ async def running_edge(
     tmp_path: Path,
     *,
     trusted_proxies: tuple[str, ...] = (),
+    region: str = "",
     **limits: float,
 ) -> AsyncIterator[Edge]:
     """Start a proxy worker on a free loopback port with ``routes``; stop it afterwards."""
@@ -217,6 +222,7 @@ async def running_edge(
         http_port=1,  # unused: the socket is bound below on a free port
         workers=1,
         trusted_proxies=parse_networks(list(trusted_proxies)),
+        region=region,
         limits=ProxyLimits(**limits),  # type: ignore[arg-type]
     )
     provider = FileRouteProvider(routes_path)
