@@ -59,8 +59,9 @@ def test_config_is_immutable() -> None:
 
 
 def test_tick_follows_the_shortest_timeout() -> None:
-    assert ProxyLimits().tick == 1.0
-    assert ProxyLimits(header_timeout=1.0).tick == pytest.approx(0.2)
+    assert ProxyLimits().tick == pytest.approx(0.2)  # the 1 s ejection is the shortest
+    assert ProxyLimits(ejection_time=10.0).tick == 1.0  # ceiling
+    assert ProxyLimits(header_timeout=0.5).tick == pytest.approx(0.1)
     assert ProxyLimits(upstream_connect_timeout=0.01).tick == 0.02  # floor
 
 
