@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -38,13 +39,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zeitwork {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    edge = commands.add_parser("edge", help="run the edge reverse proxy")
+    edge = commands.add_parser(
+        "edge",
+        help="run the edge reverse proxy",
+        description="Routes come from a routes file (--routes) or live from PostgreSQL "
+        "(--database-url, else $DATABASE_URL); with neither, from an embedded PostgreSQL "
+        "in --data-dir.",
+    )
     edge.add_argument(
         "--routes",
         type=Path,
-        required=True,
+        default=None,
         metavar="FILE",
-        help="routes file (JSON, reloaded on SIGHUP)",
+        help="routes file (JSON, reloaded on SIGHUP) instead of the database",
+    )
+    edge.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help="PostgreSQL to route from, live (default: $DATABASE_URL unless --routes is given)",
+    )
+    edge.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="data directory of the embedded PostgreSQL used without a database URL",
+    )
+    edge.add_argument(
+        "--apps-domain",
+        default="zeitwork.app",
+        help="domain of the deployment URLs <project>-<id>-<org>.DOMAIN (default zeitwork.app)",
+    )
+    edge.add_argument(
+        "--region", default="", help="this edge's region: its instances are preferred"
+    )
+    edge.add_argument(
+        "--routes-reload-interval",
+        type=seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="full reload of the database routing table (default 30)",
     )
     edge.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     edge.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -84,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limits.add_argument("--retries", type=int, default=d.retries)
     limits.add_argument("--shutdown-timeout", type=seconds, default=d.shutdown_timeout)
+    add_migrate_command(commands)
     return parser
 
 
@@ -104,14 +140,75 @@ def edge_config(args: argparse.Namespace) -> EdgeConfig:
     kwargs = {}
     if args.workers is not None:
         kwargs["workers"] = args.workers
+    database_url = args.database_url
+    if database_url is None and args.routes is None:
+        # $DATABASE_URL is a default, not a second source: an explicit --routes wins over it.
+        database_url = os.environ.get("DATABASE_URL") or None
     return EdgeConfig(
         routes_path=args.routes,
+        database_url=database_url,
+        data_dir=args.data_dir,
+        apps_domain=args.apps_domain.strip().lower().rstrip("."),
+        region=args.region,
+        routes_reload_interval=args.routes_reload_interval,
         http_host=args.host,
         http_port=args.http_port,
         trusted_proxies=parse_networks(args.trusted_proxy),
         limits=limits,
         **kwargs,
     )
+
+
+def add_migrate_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    migrate = commands.add_parser(
+        "migrate",
+        help="apply the database migrations",
+        description="Brings the database schema up to date (what the edge also does at start).",
+    )
+    migrate.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help="PostgreSQL to migrate (default: $DATABASE_URL; without either, the embedded "
+        "PostgreSQL in --data-dir)",
+    )
+    migrate.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="data directory of the embedded PostgreSQL (default $XDG_DATA_HOME/zeitwork/postgres)",
+    )
+
+
+def migrate_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    # Imported here so the other commands do not load asyncpg.
+    import asyncio  # noqa: PLC0415
+
+    from edge.store.db import open_database  # noqa: PLC0415
+    from edge.store.errors import DatabaseUnavailable, StoreError  # noqa: PLC0415
+    from edge.store.migrate import migrate  # noqa: PLC0415
+
+    database_url = args.database_url or os.environ.get("DATABASE_URL") or None
+
+    async def run() -> list[str]:
+        db = await open_database(database_url, data_dir=args.data_dir, max_size=1)
+        try:
+            return await migrate(db.pool)
+        finally:
+            await db.close()
+
+    try:
+        applied = asyncio.run(run())
+    except StoreError as exc:
+        # Cannot reach the database (or start the embedded one): like a bad option, 2.
+        status = 2 if isinstance(exc, DatabaseUnavailable) else 1
+        parser.exit(status, f"zeitwork migrate: error: {exc}\n")
+    for name in applied:
+        print(f"applied {name}")
+    if not applied:
+        print("schema up to date")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config = edge_config(args)
             # Fail at start, in the terminal, on a routes file the workers could not load.
-            FileRouteProvider(config.routes_path).load_sync()
+            if config.routes_path is not None:
+                FileRouteProvider(config.routes_path).load_sync()
         except (ConfigError, RoutesError) as exc:
             parser.exit(2, f"zeitwork edge: error: {exc}\n")
         # Imported here so `zeitwork --help` does not load uvloop and the proxy.
@@ -129,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
 
         setup_logging(args.log_level)
         return Master(config, args.log_level).run()
+    if args.command == "migrate":
+        return migrate_command(args, parser)
     parser.error(f"unknown command {args.command}")
 
 

@@ -1,0 +1,198 @@
+"""Deployments: one build of a project for an environment, its status and when it got there.
+
+Each has a generated nanoid (7 characters of ``[a-z0-9]``) that names its host
+(``<project>-<nanoid>-<org>.<apps domain>``). Every status has a ``<status>_at`` column set
+when the deployment enters it (``pending`` is ``created_at``). Which status may follow which
+is the scheduler's transition table; :func:`set_status` can guard against a concurrent
+change with ``expected``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, get_args
+from uuid import UUID
+
+from edge.store.errors import Conflict, Invalid, NotFound
+from edge.store.query import Executor, execute, fetch_all, fetch_one, fetch_value
+
+Status = Literal[
+    "pending", "placing", "starting", "healthy", "active", "draining", "inactive", "failed"
+]
+STATUSES: tuple[str, ...] = get_args(Status)
+
+NANOID_ALPHABET = string.ascii_lowercase + string.digits
+NANOID_LENGTH = 7
+# 36**7 is 78 billion: a collision is rare, several in a row mean something else is wrong.
+_NANOID_ATTEMPTS = 5
+
+# One fixed statement per status (the timestamp column cannot be a parameter).
+_SET_STATUS = {
+    status: (
+        f"UPDATE deployments SET status = $2, {status}_at = now(),"  # noqa: S608
+        " failure_reason = CASE WHEN $2 = 'failed' THEN $3 ELSE failure_reason END"
+        " WHERE id = $1 AND ($4::text IS NULL OR status = $4) RETURNING *"
+    )
+    for status in STATUSES
+    if status != "pending"
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    id: UUID
+    project_id: UUID
+    environment_id: UUID
+    nanoid: str
+    status: Status
+    image: str | None
+    command: str | None
+    commit_sha: str | None
+    commit_message: str | None
+    instances_per_region: int
+    failure_reason: str | None
+    created_at: datetime
+    placing_at: datetime | None
+    starting_at: datetime | None
+    healthy_at: datetime | None
+    active_at: datetime | None
+    draining_at: datetime | None
+    inactive_at: datetime | None
+    failed_at: datetime | None
+
+
+def new_nanoid() -> str:
+    return "".join(secrets.choice(NANOID_ALPHABET) for _ in range(NANOID_LENGTH))
+
+
+async def create(
+    db: Executor,
+    *,
+    project_id: UUID,
+    environment_id: UUID,
+    image: str | None = None,
+    command: str | None = None,
+    commit_sha: str | None = None,
+    commit_message: str | None = None,
+    instances_per_region: int = 1,
+) -> Deployment:
+    """A ``pending`` deployment with a fresh nanoid; needs an image or a command."""
+    if image is None and command is None:
+        raise Invalid("a deployment needs an image or a command", field="image")
+    for _ in range(_NANOID_ATTEMPTS):
+        try:
+            deployment = await fetch_one(
+                db,
+                Deployment,
+                "INSERT INTO deployments (project_id, environment_id, nanoid, image, command,"
+                " commit_sha, commit_message, instances_per_region)"
+                " SELECT $1, $2, $3, $4, $5, $6, $7, $8"
+                # The environment must be the project's own.
+                " WHERE EXISTS (SELECT 1 FROM environments WHERE id = $2 AND project_id = $1)"
+                " RETURNING *",
+                project_id,
+                environment_id,
+                new_nanoid(),
+                image,
+                command,
+                commit_sha,
+                commit_message,
+                instances_per_region,
+            )
+        except Conflict as exc:
+            if exc.field == "nanoid":
+                continue
+            raise
+        if deployment is None:
+            raise NotFound(
+                f"environment {environment_id} of project {project_id} does not exist",
+                field="environment_id",
+            )
+        return deployment
+    raise Conflict(f"no free nanoid after {_NANOID_ATTEMPTS} attempts", field="nanoid")
+
+
+async def get(db: Executor, deployment_id: UUID) -> Deployment:
+    deployment = await fetch_one(
+        db, Deployment, "SELECT * FROM deployments WHERE id = $1", deployment_id
+    )
+    if deployment is None:
+        raise NotFound(f"deployment {deployment_id} does not exist", field="id")
+    return deployment
+
+
+async def get_by_nanoid(db: Executor, nanoid: str) -> Deployment:
+    deployment = await fetch_one(
+        db, Deployment, "SELECT * FROM deployments WHERE nanoid = $1", nanoid
+    )
+    if deployment is None:
+        raise NotFound(f"deployment {nanoid!r} does not exist", field="nanoid")
+    return deployment
+
+
+async def list_for_project(
+    db: Executor,
+    project_id: UUID,
+    *,
+    environment_id: UUID | None = None,
+    limit: int = 100,
+) -> list[Deployment]:
+    """Newest first."""
+    return await fetch_all(
+        db,
+        Deployment,
+        "SELECT * FROM deployments WHERE project_id = $1"
+        " AND ($2::uuid IS NULL OR environment_id = $2)"
+        " ORDER BY created_at DESC, id LIMIT $3",
+        project_id,
+        environment_id,
+        limit,
+    )
+
+
+async def list_by_status(db: Executor, *statuses: Status) -> list[Deployment]:
+    """Deployments in any of ``statuses``, oldest first (the scheduler's work queue)."""
+    return await fetch_all(
+        db,
+        Deployment,
+        "SELECT * FROM deployments WHERE status = ANY($1::text[]) ORDER BY created_at, id",
+        list(statuses),
+    )
+
+
+async def set_status(
+    db: Executor,
+    deployment_id: UUID,
+    status: Status,
+    *,
+    reason: str | None = None,
+    expected: Status | None = None,
+) -> Deployment:
+    """Enter ``status`` now (sets ``<status>_at``; ``reason`` goes with ``failed``).
+
+    With ``expected``, only if the deployment is still in that status, else
+    :class:`Conflict`: two schedulers never both move the same deployment.
+    """
+    query = _SET_STATUS.get(status)
+    if query is None:
+        raise Invalid(f"cannot set deployment status to {status!r}", field="status")
+    if status == "failed" and not reason:
+        raise Invalid("a failed deployment needs a reason", field="failure_reason")
+    deployment = await fetch_one(db, Deployment, query, deployment_id, status, reason, expected)
+    if deployment is not None:
+        return deployment
+    current = await fetch_value(db, "SELECT status FROM deployments WHERE id = $1", deployment_id)
+    if current is None:
+        raise NotFound(f"deployment {deployment_id} does not exist", field="id")
+    raise Conflict(
+        f"deployment {deployment_id} is {current}, not {expected}; not moved to {status}",
+        field="status",
+    )
+
+
+async def delete(db: Executor, deployment_id: UUID) -> None:
+    if not await execute(db, "DELETE FROM deployments WHERE id = $1", deployment_id):
+        raise NotFound(f"deployment {deployment_id} does not exist", field="id")

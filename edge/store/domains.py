@@ -1,0 +1,89 @@
+"""Custom domains of a project environment, and their DNS verification.
+
+A domain routes to its environment's current deployment once verified. The verification
+token is generated here; checking DNS for it is the caller's job.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+from edge.store.errors import NotFound
+from edge.store.query import Executor, execute, fetch_all, fetch_one
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    id: UUID
+    name: str
+    project_id: UUID
+    environment_id: UUID
+    verification_token: str
+    verified_at: datetime | None
+    last_checked_at: datetime | None
+    pointing_at_edge: bool | None
+    created_at: datetime
+
+
+async def create(db: Executor, name: str, *, project_id: UUID, environment_id: UUID) -> Domain:
+    """Add an unverified domain (name lower-cased, trailing dot dropped); :class:`Conflict`
+    if any project has it already."""
+    domain = await fetch_one(
+        db,
+        Domain,
+        "INSERT INTO domains (name, project_id, environment_id, verification_token)"
+        " SELECT $1, $2, $3, $4"
+        # The environment must be the project's own.
+        " WHERE EXISTS (SELECT 1 FROM environments WHERE id = $3 AND project_id = $2)"
+        " RETURNING *",
+        name.strip().rstrip(".").lower(),
+        project_id,
+        environment_id,
+        secrets.token_urlsafe(24),
+    )
+    if domain is None:
+        raise NotFound(
+            f"environment {environment_id} of project {project_id} does not exist",
+            field="environment_id",
+        )
+    return domain
+
+
+async def get_by_name(db: Executor, name: str) -> Domain:
+    domain = await fetch_one(
+        db, Domain, "SELECT * FROM domains WHERE name = $1", name.rstrip(".").lower()
+    )
+    if domain is None:
+        raise NotFound(f"domain {name!r} does not exist", field="name")
+    return domain
+
+
+async def list_for_project(db: Executor, project_id: UUID) -> list[Domain]:
+    return await fetch_all(
+        db, Domain, "SELECT * FROM domains WHERE project_id = $1 ORDER BY name", project_id
+    )
+
+
+async def record_check(db: Executor, domain_id: UUID, *, verified: bool, pointing: bool) -> Domain:
+    """Record a DNS check; ``verified`` sets ``verified_at`` the first time, never clears it."""
+    domain = await fetch_one(
+        db,
+        Domain,
+        "UPDATE domains SET last_checked_at = now(), pointing_at_edge = $3,"
+        " verified_at = CASE WHEN $2 THEN coalesce(verified_at, now()) ELSE verified_at END"
+        " WHERE id = $1 RETURNING *",
+        domain_id,
+        verified,
+        pointing,
+    )
+    if domain is None:
+        raise NotFound(f"domain {domain_id} does not exist", field="id")
+    return domain
+
+
+async def delete(db: Executor, domain_id: UUID) -> None:
+    if not await execute(db, "DELETE FROM domains WHERE id = $1", domain_id):
+        raise NotFound(f"domain {domain_id} does not exist", field="id")

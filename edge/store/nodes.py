@@ -1,0 +1,123 @@
+"""Worker nodes: their region, address, capacity, state and last heartbeat.
+
+The node token is stored as a hash only (``token_hash``); checking it is the admin API's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, get_args
+from uuid import UUID
+
+from edge.store.errors import Invalid, NotFound
+from edge.store.query import Executor, execute, fetch_all, fetch_one
+
+NodeState = Literal["ready", "draining", "drained", "down"]
+NODE_STATES: frozenset[str] = frozenset(get_args(NodeState))
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    id: UUID
+    region: str
+    hostname: str
+    address: str
+    vcpu: int
+    memory_mb: int
+    state: NodeState
+    token_hash: str | None = field(repr=False)
+    last_heartbeat: datetime | None
+    created_at: datetime
+
+
+async def create(
+    db: Executor,
+    *,
+    region: str,
+    hostname: str,
+    address: str,
+    vcpu: int,
+    memory_mb: int,
+    token_hash: str | None = None,
+) -> Node:
+    """Register a node (state ``ready``); :class:`Conflict` if the hostname is taken."""
+    node = await fetch_one(
+        db,
+        Node,
+        "INSERT INTO nodes (region, hostname, address, vcpu, memory_mb, token_hash)"
+        " VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
+        region,
+        hostname,
+        address,
+        vcpu,
+        memory_mb,
+        token_hash,
+    )
+    assert node is not None
+    return node
+
+
+async def get(db: Executor, node_id: UUID) -> Node:
+    node = await fetch_one(db, Node, "SELECT * FROM nodes WHERE id = $1", node_id)
+    if node is None:
+        raise NotFound(f"node {node_id} does not exist", field="id")
+    return node
+
+
+async def get_by_hostname(db: Executor, hostname: str) -> Node:
+    node = await fetch_one(db, Node, "SELECT * FROM nodes WHERE hostname = $1", hostname)
+    if node is None:
+        raise NotFound(f"node {hostname!r} does not exist", field="hostname")
+    return node
+
+
+async def list_all(
+    db: Executor, *, region: str | None = None, state: NodeState | None = None
+) -> list[Node]:
+    return await fetch_all(
+        db,
+        Node,
+        "SELECT * FROM nodes WHERE ($1::text IS NULL OR region = $1)"
+        " AND ($2::text IS NULL OR state = $2) ORDER BY region, hostname",
+        region,
+        state,
+    )
+
+
+async def set_state(db: Executor, node_id: UUID, state: NodeState) -> Node:
+    if state not in NODE_STATES:
+        raise Invalid(f"node state {state!r} is not one of {sorted(NODE_STATES)}", field="state")
+    node = await fetch_one(
+        db, Node, "UPDATE nodes SET state = $2 WHERE id = $1 RETURNING *", node_id, state
+    )
+    if node is None:
+        raise NotFound(f"node {node_id} does not exist", field="id")
+    return node
+
+
+async def heartbeat(db: Executor, node_id: UUID) -> Node:
+    """Record a heartbeat now (the database's clock, the same for every edge)."""
+    node = await fetch_one(
+        db, Node, "UPDATE nodes SET last_heartbeat = now() WHERE id = $1 RETURNING *", node_id
+    )
+    if node is None:
+        raise NotFound(f"node {node_id} does not exist", field="id")
+    return node
+
+
+async def mark_silent_down(db: Executor, timeout_seconds: float) -> list[Node]:
+    """Mark ``down`` the ready or draining nodes silent for longer than the timeout."""
+    return await fetch_all(
+        db,
+        Node,
+        "UPDATE nodes SET state = 'down' WHERE state IN ('ready', 'draining')"
+        " AND coalesce(last_heartbeat, created_at) < now() - make_interval(secs => $1)"
+        " RETURNING *",
+        timeout_seconds,
+    )
+
+
+async def delete(db: Executor, node_id: UUID) -> None:
+    if not await execute(db, "DELETE FROM nodes WHERE id = $1", node_id):
+        raise NotFound(f"node {node_id} does not exist", field="id")

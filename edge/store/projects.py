@@ -1,0 +1,115 @@
+"""Projects: an org's app -- its GitHub repo, resources, app port, health check, rate limit.
+
+``(org, name)`` is unique; both appear in the deployment hosts
+(``<name>-<nanoid>-<org>.<apps domain>``), hence the lower-case DNS-label checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from edge.store.errors import Invalid, NotFound
+from edge.store.query import Executor, execute, fetch_all, fetch_one
+
+# What update() may change; identity (org, name) and timestamps are not settings.
+SETTINGS = frozenset(
+    {
+        "github_repo",
+        "branch",
+        "auto_deploy",
+        "vcpu",
+        "memory_mb",
+        "app_port",
+        "health_check_path",
+        "rate_limit_rps",
+        "rate_limit_burst",
+        "image_template",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Project:
+    id: UUID
+    org: str
+    name: str
+    github_repo: str | None
+    branch: str
+    auto_deploy: bool
+    vcpu: Decimal
+    memory_mb: int
+    app_port: int
+    health_check_path: str
+    rate_limit_rps: int | None
+    rate_limit_burst: int | None
+    image_template: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    unknown = sorted(set(settings) - SETTINGS)
+    if unknown:
+        raise Invalid(f"unknown project setting(s): {', '.join(unknown)}", field=unknown[0])
+
+
+async def create(db: Executor, org: str, name: str, **settings: Any) -> Project:
+    """A project with the given settings (the rest default); :class:`Conflict` on a taken
+    ``org/name``."""
+    _check_settings(settings)
+    columns = ["org", "name", *settings]
+    placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+    # Column names come from SETTINGS only; values are parameters.
+    query = f"INSERT INTO projects ({', '.join(columns)}) VALUES ({placeholders}) RETURNING *"  # noqa: S608
+    project = await fetch_one(db, Project, query, org, name, *settings.values())
+    assert project is not None
+    return project
+
+
+async def get(db: Executor, project_id: UUID) -> Project:
+    project = await fetch_one(db, Project, "SELECT * FROM projects WHERE id = $1", project_id)
+    if project is None:
+        raise NotFound(f"project {project_id} does not exist", field="id")
+    return project
+
+
+async def get_by_name(db: Executor, org: str, name: str) -> Project:
+    project = await fetch_one(
+        db, Project, "SELECT * FROM projects WHERE org = $1 AND name = $2", org, name
+    )
+    if project is None:
+        raise NotFound(f"project {org}/{name} does not exist", field="name")
+    return project
+
+
+async def list_all(db: Executor, *, org: str | None = None) -> list[Project]:
+    return await fetch_all(
+        db,
+        Project,
+        "SELECT * FROM projects WHERE ($1::text IS NULL OR org = $1) ORDER BY org, name",
+        org,
+    )
+
+
+async def update(db: Executor, project_id: UUID, **settings: Any) -> Project:
+    """Change some settings; the others stay."""
+    _check_settings(settings)
+    if not settings:
+        return await get(db, project_id)
+    assignments = ", ".join(f"{column} = ${i}" for i, column in enumerate(settings, start=2))
+    # Column names come from SETTINGS only; values are parameters.
+    query = f"UPDATE projects SET {assignments}, updated_at = now() WHERE id = $1 RETURNING *"  # noqa: S608
+    project = await fetch_one(db, Project, query, project_id, *settings.values())
+    if project is None:
+        raise NotFound(f"project {project_id} does not exist", field="id")
+    return project
+
+
+async def delete(db: Executor, project_id: UUID) -> None:
+    """Delete the project with its environments, deployments, instances and domains."""
+    if not await execute(db, "DELETE FROM projects WHERE id = $1", project_id):
+        raise NotFound(f"project {project_id} does not exist", field="id")

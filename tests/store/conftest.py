@@ -1,0 +1,51 @@
+"""Fixtures of the store tests: a migrated session database, emptied before each test."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from edge.store.db import connect, create_pool
+from edge.store.migrate import migrate
+from tests.conftest import create_database, drop_database
+
+# Every table but schema_migrations; CASCADE follows the foreign keys.
+TABLES = (
+    "regions, nodes, projects, environments, deployments, instances, domains, certificates,"
+    " acme_challenges, github_webhooks, github_deliveries, instance_logs, audit_log"
+)
+
+
+async def _migrate(dsn: str) -> list[str]:
+    conn = await connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def migrated_url(database_url: str) -> str:
+    asyncio.run(_migrate(database_url))
+    return database_url
+
+
+@pytest_asyncio.fixture
+async def pool(migrated_url: str) -> AsyncIterator[Any]:
+    """A pool on the migrated database, with every table empty."""
+    pool = await create_pool(migrated_url, min_size=1, max_size=4)
+    await pool.execute(f"TRUNCATE {TABLES} CASCADE")
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def empty_database_url(postgres_server: str) -> Iterator[str]:
+    """A database of the test's own, with no schema at all."""
+    dsn = create_database(postgres_server)
+    yield dsn
+    drop_database(dsn, postgres_server)
