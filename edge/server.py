@@ -4,6 +4,11 @@ Each worker binds the HTTP port itself with SO_REUSEPORT, so the kernel spreads 
 over them. The master only supervises: it forwards SIGHUP (reload routes), turns SIGTERM and
 the first SIGINT into a graceful stop, and a second SIGINT into an immediate one. A worker
 that dies is started again with backoff.
+
+Routes come from a routes file, or from PostgreSQL: then the master first applies the
+schema migrations (once, not per worker), starting the embedded PostgreSQL when no database
+URL is given (and stopping it after the workers), and each worker follows the table live
+(:mod:`edge.live_routes`).
 """
 
 from __future__ import annotations
@@ -16,13 +21,20 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.process import BaseProcess
 
 import uvloop
 
 from edge.config import EdgeConfig
+from edge.live_routes import LiveRoutes, PostgresRouteProvider
 from edge.proxy.worker import ProxyWorker, listen_socket
-from edge.routing import FileRouteProvider, RoutesError
+from edge.routing import FileRouteProvider, RouteProvider, RoutesError
+from edge.store.db import connect, describe_dsn
+from edge.store.embedded import EmbeddedPostgres
+from edge.store.errors import StoreError
+from edge.store.migrate import migrate
 
 log = logging.getLogger("edge.server")
 
@@ -35,6 +47,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    # pgserver narrates every initdb/pg_ctl run at INFO; its problems still show.
+    logging.getLogger("pgserver").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 # -- worker process ---------------------------------------------------------------------
@@ -51,7 +65,35 @@ def worker_main(config: EdgeConfig, index: int, log_level: str) -> None:
 
 async def _serve_worker(config: EdgeConfig, index: int) -> int:
     loop = asyncio.get_running_loop()
-    provider = FileRouteProvider(config.routes_path)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    provider: RouteProvider
+    live: LiveRoutes | None = None
+    if config.database_url:
+        provider = PostgresRouteProvider(config.database_url, config.apps_domain)
+        worker = ProxyWorker(config, provider)
+        live = LiveRoutes(
+            worker,
+            provider,
+            debounce=config.routes_debounce,
+            reload_interval=config.routes_reload_interval,
+        )
+        live.start()
+        # Not listening before the first table is in: with SO_REUSEPORT the kernel would queue
+        # connections for this worker that it could only answer with 404. A worker restarted
+        # while the database is down waits here (retrying) while its siblings serve.
+        if not await _first_of(live.loaded, stop):
+            await live.stop()
+            return 0
+        reload: Callable[[], object] = live.request_reload
+    else:
+        assert config.routes_path is not None
+        provider = FileRouteProvider(config.routes_path)
+        worker = ProxyWorker(config, provider)
+
+        def reload() -> object:
+            return loop.create_task(worker.reload())
+
     try:
         sock = listen_socket(config.http_host, config.http_port, config.backlog)
     except OSError as exc:
@@ -62,23 +104,36 @@ async def _serve_worker(config: EdgeConfig, index: int) -> int:
             config.http_port,
             exc.strerror or exc,
         )
+        if live is not None:
+            await live.stop()
         return EXIT_STARTUP
-    worker = ProxyWorker(config, provider)
-    try:
-        worker.install(await provider.load())
-    except RoutesError as exc:
-        log.error("worker %d: %s", index, exc)
-        sock.close()
-        return EXIT_STARTUP
+    if live is None:
+        try:
+            worker.install(await provider.load())
+        except RoutesError as exc:
+            log.error("worker %d: %s", index, exc)
+            sock.close()
+            return EXIT_STARTUP
     await worker.start(sock)
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(worker.reload()))
+    loop.add_signal_handler(signal.SIGHUP, reload)
     log.info("worker %d serving http://%s:%d", index, config.http_host, config.http_port)
     await stop.wait()
     log.info("worker %d stopping: finishing in-flight requests", index)
+    if live is not None:
+        await live.stop()
     await worker.shutdown()
     return 0
+
+
+async def _first_of(wanted: asyncio.Event, stop: asyncio.Event) -> bool:
+    """Wait for ``wanted`` unless ``stop`` comes first; whether ``wanted`` came."""
+    waits = [asyncio.ensure_future(wanted.wait()), asyncio.ensure_future(stop.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+    return wanted.is_set() and not stop.is_set()
 
 
 # -- master process ---------------------------------------------------------------------
@@ -97,9 +152,51 @@ class Master:
         self._stopping = False
         self._interrupts = 0
         self._wake: asyncio.Event | None = None
+        self._embedded: EmbeddedPostgres | None = None
 
     def run(self) -> int:
-        return uvloop.run(self._run())
+        return uvloop.run(self._main())
+
+    async def _main(self) -> int:
+        try:
+            if self.config.routes_path is None and not await self._prepare_database():
+                return 1
+            return await self._run()
+        finally:
+            # After the workers: they read routes from it until they stop.
+            if self._embedded is not None:
+                log.info("stopping the embedded PostgreSQL")
+                try:
+                    await asyncio.to_thread(self._embedded.stop)
+                except StoreError as exc:
+                    log.error("%s", exc)
+
+    async def _prepare_database(self) -> bool:
+        """Start the embedded PostgreSQL if no database URL is given, then migrate, once for
+        all workers; False (logged) when the database cannot be used."""
+        dsn = self.config.database_url
+        try:
+            if not dsn:
+                self._embedded = EmbeddedPostgres(self.config.data_dir)
+                log.info("no database URL: starting PostgreSQL in %s", self._embedded.data_dir)
+                dsn = await asyncio.to_thread(self._embedded.start)
+                self.config = replace(self.config, database_url=dsn)
+            conn = await connect(dsn)
+            try:
+                applied = await migrate(conn)
+            finally:
+                await conn.close()
+        except StoreError as exc:
+            log.error("%s", exc)
+            return False
+        if applied:
+            log.info("database migrated: %s", ", ".join(applied))
+        return True
+
+    def _routes_source(self) -> str:
+        if self.config.routes_path is not None:
+            return f"routes file {self.config.routes_path}"
+        return f"PostgreSQL {describe_dsn(self.config.database_url or '')} (live)"
 
     async def _run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -114,7 +211,7 @@ class Master:
             self.config.http_host,
             self.config.http_port,
             self.config.workers,
-            self.config.routes_path,
+            self._routes_source(),
         )
         code = 0
         while True:
@@ -187,11 +284,12 @@ class Master:
 
     def _on_reload(self) -> None:
         log.info("SIGHUP: reloading routes in every worker")
-        try:
-            FileRouteProvider(self.config.routes_path).load_sync()
-        except RoutesError as exc:
-            log.error("new routes are invalid, workers keep the current ones: %s", exc)
-            return
+        if self.config.routes_path is not None:
+            try:
+                FileRouteProvider(self.config.routes_path).load_sync()
+            except RoutesError as exc:
+                log.error("new routes are invalid, workers keep the current ones: %s", exc)
+                return
         self._signal_workers(signal.SIGHUP)
 
     def _kill_all(self) -> None:

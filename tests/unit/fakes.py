@@ -289,15 +289,16 @@ class ProtocolRig:
     ) -> ProtocolRig:
         """Build a worker on the running loop; fails the test if that loop reports an error."""
         loop = asyncio.get_running_loop()
+        routes_path = Path("/nonexistent/routes.json")
         config = EdgeConfig(
-            routes_path=Path("/nonexistent/routes.json"),
+            routes_path=routes_path,
             http_host="127.0.0.1",
             http_port=8000,
             workers=1,
             trusted_proxies=parse_networks(list(trusted_proxies)),
             limits=ProxyLimits(**limits),
         )
-        worker = ProxyWorker(config, FileRouteProvider(config.routes_path))
+        worker = ProxyWorker(config, FileRouteProvider(routes_path))
         worker.install(parse_routes_document({"routes": routes}, "test"))
         worker.date = FIXED_DATE
         rig = cls(worker, loop)

@@ -241,7 +241,13 @@ def test_bad_flags_exit_2_naming_the_option(
     assert "Traceback" not in err
 
 
-def test_routes_flag_is_required(capsys: pytest.CaptureFixture[str]) -> None:
-    code, err = run_main(["edge"], capsys)
+def test_routes_file_and_database_url_together_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # One source of routes: without --routes the edge routes from the database (never run
+    # `edge` bare here: it would start serving from $DATABASE_URL or an embedded server).
+    code, err = run_main(
+        ["edge", "--routes", "r.json", "--database-url", "postgresql://x/y"], capsys
+    )
     assert code == 2
-    assert "--routes" in err
+    assert "not both" in err
