@@ -177,7 +177,8 @@ def add_migrate_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
         type=Path,
         default=None,
         metavar="DIR",
-        help="data directory of the embedded PostgreSQL (default $XDG_DATA_HOME/zeitwork/postgres)",
+        help="data directory of the embedded PostgreSQL (default ~/.local/share/zeitwork/"
+        "postgres, or /var/lib/zeitwork/postgres for root)",
     )
 
 
