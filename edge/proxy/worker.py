@@ -125,11 +125,11 @@ class ProxyWorker:
         for host, addresses in table.routes.items():
             route_pools = []
             for address in addresses:
-                pool = pools.get(address) or self.pools.get(address)
-                if pool is None:
-                    pool = UpstreamPool(self, address)
-                pool.region = regions.get(address, "")
-                pools[address] = pool
+                pool = pools.get(address)
+                if pool is None:  # first seen in this table: kept from the last one or new
+                    pool = self.pools.get(address) or UpstreamPool(self, address)
+                    pool.region = regions.get(address, "")
+                    pools[address] = pool
                 route_pools.append(pool)
             routes[host.encode()] = Route(host, route_pools, region)
         for address, pool in self.pools.items():
