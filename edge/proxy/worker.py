@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -118,6 +119,17 @@ class ProxyWorker:
 
     def install(self, table: RoutingTable) -> None:
         """Swap in a new routing table; pools of instances still named are kept."""
+        # Building hundreds of thousands of objects in one go would run the cyclic collector
+        # over and over (most of the time for large tables); nothing built here needs it.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._install(table)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _install(self, table: RoutingTable) -> None:
         pools: dict[Address, UpstreamPool] = {}
         routes: dict[bytes, Route] = {}
         regions = table.regions
