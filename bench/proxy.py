@@ -19,6 +19,7 @@ Needs nginx (Debian package nginx-light) and wrk (Debian package wrk).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ctypes
 import http.client
@@ -47,7 +48,10 @@ DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "proxy.md"
 HOST = "127.0.0.1"
 VHOST = "bench.local"
 UPSTREAM_BODY = b"hello world\n"
-TARGETS = ("edge", "nginx")
+# "edge-pg" is the edge routing from PostgreSQL (a scratch database on $DATABASE_URL's server,
+# or the local one) instead of a routes file: the same request path, so the same figures.
+TARGETS = ("edge", "edge-pg", "nginx")
+DEFAULT_TARGETS = ("edge", "nginx")
 WRK_THREADS = 1
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
@@ -481,7 +485,13 @@ def start_nginx(
 
 
 def start_edge(
-    procs: ProcessSet, edge_cmd: Sequence[str], workdir: Path, port: int, upstream_port: int
+    procs: ProcessSet,
+    edge_cmd: Sequence[str],
+    workdir: Path,
+    port: int,
+    upstream_port: int,
+    database_url: str | None = None,
+    name: str = "edge",
 ) -> Server:
     if not edge_cmd or which(edge_cmd[0]) is None:
         raise BenchError(
@@ -489,20 +499,85 @@ def start_edge(
             "(.venv/bin/pip install -e '.[dev]') or pass --edge-cmd"
         )
     workdir.mkdir(parents=True)
-    routes = workdir / "routes.json"
-    routes.write_text(json.dumps({"routes": {VHOST: [f"{HOST}:{upstream_port}"]}}))
+    if database_url is None:
+        routes = workdir / "routes.json"
+        routes.write_text(json.dumps({"routes": {VHOST: [f"{HOST}:{upstream_port}"]}}))
+        source = ["--routes", str(routes)]
+    else:
+        source = ["--database-url", database_url]
     argv = [
         *edge_cmd,
         "edge",
-        "--routes",
-        str(routes),
+        *source,
         "--http-port",
         str(port),
         "--workers",
         "1",
         *_edge_host_args(edge_cmd),
     ]
-    return procs.start("edge", argv, port, workdir / "edge.log")
+    return procs.start(name, argv, port, workdir / "edge.log")
+
+
+@contextlib.contextmanager
+def seeded_database(upstream_port: int) -> Iterator[str]:
+    """A scratch platform database in which VHOST is a verified custom domain whose current
+    deployment's one running, healthy instance is the upstream; dropped afterwards."""
+    # Imported here: the other targets need neither asyncpg nor the store.
+    from bench.propagation import admin_url, database_in  # noqa: PLC0415
+    from edge.store import (  # noqa: PLC0415
+        deployments,
+        domains,
+        environments,
+        instances,
+        projects,
+        regions,
+    )
+    from edge.store.db import connect  # noqa: PLC0415
+    from edge.store.migrate import migrate  # noqa: PLC0415
+
+    server = admin_url(None)
+    name = f"zeitwork_bench_{os.getpid()}_{upstream_port}"
+    dsn = database_in(server, name)
+
+    async def create() -> None:
+        admin = await connect(server)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        conn = await connect(dsn)
+        try:
+            await migrate(conn)
+            await regions.create(conn, "bench", "Bench", "DE")
+            project = await projects.create(conn, "bench", "app")
+            env = await environments.create(conn, project.id, "production")
+            deployment = await deployments.create(
+                conn, project_id=project.id, environment_id=env.id, image="bench"
+            )
+            await deployments.set_status(conn, deployment.id, "healthy")
+            row = await instances.create(conn, deployment_id=deployment.id, region="bench")
+            await instances.report(conn, row.id, "running", address=HOST, port=upstream_port)
+            await instances.set_health(conn, row.id, True)
+            await environments.set_current(conn, env.id, deployment.id)
+            await deployments.set_status(conn, deployment.id, "active")
+            domain = await domains.create(conn, VHOST, project_id=project.id, environment_id=env.id)
+            await domains.record_check(conn, domain.id, verified=True, pointing=True)
+        finally:
+            await conn.close()
+
+    async def drop() -> None:
+        admin = await connect(server)
+        try:
+            # FORCE: the edge's connections may still be closing.
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    try:
+        asyncio.run(create())
+        yield dsn
+    finally:
+        asyncio.run(drop())
 
 
 def _edge_host_args(edge_cmd: Sequence[str]) -> list[str]:
@@ -526,7 +601,7 @@ class BenchConfig:
     connections: int = 50
     rounds: int = 3
     warmup: int = 2
-    targets: tuple[str, ...] = TARGETS
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     edge_cmd: tuple[str, ...] = field(default_factory=default_edge_cmd)
 
     def __post_init__(self) -> None:
@@ -659,6 +734,11 @@ def run_benchmark(
             port = free_port()
             if name == "edge":
                 server = start_edge(procs, config.edge_cmd, tmp / "edge", port, upstream.port)
+            elif name == "edge-pg":
+                dsn = stack.enter_context(seeded_database(upstream.port))
+                server = start_edge(
+                    procs, config.edge_cmd, tmp / "edge-pg", port, upstream.port, dsn, "edge-pg"
+                )
             else:
                 prefix = tmp / "nginx"
                 conf = nginx_proxy_conf(prefix, port, upstream.port)
@@ -837,7 +917,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--warmup", type=int, default=2, help="uncounted seconds before a run")
     parser.add_argument(
-        "--targets", default=",".join(TARGETS), help="comma-separated, among edge,nginx"
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help="comma-separated, among " + ",".join(TARGETS),
     )
     parser.add_argument(
         "--edge-cmd",

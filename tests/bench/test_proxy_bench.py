@@ -7,6 +7,7 @@ deliberately slow and faulty upstream (ms and s, non-2xx responses, read and tim
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import os
@@ -38,6 +39,7 @@ from bench.proxy import (
     run_benchmark,
     time_to_ms,
 )
+from edge.store.db import connect
 
 SAMPLES = Path(__file__).parent / "wrk_samples"
 
@@ -225,6 +227,29 @@ def test_smoke_edge(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     if reason := _edge_unavailable():
         pytest.skip(reason)
     _run_and_check("edge", monkeypatch, tmp_path)
+
+
+@pytest.mark.needs_tool("nginx")
+@pytest.mark.needs_tool("wrk")
+def test_smoke_edge_routing_from_postgres(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, postgres_server: str
+) -> None:
+    """The edge-pg target: a scratch database seeded through the store layer, the edge
+    following it, wrk through it; the database is gone afterwards."""
+    if reason := _edge_unavailable():
+        pytest.skip(reason)
+    monkeypatch.setenv("DATABASE_URL", postgres_server)
+    _run_and_check("edge-pg", monkeypatch, tmp_path)
+    databases = asyncio.run(_databases(postgres_server))
+    assert not [name for name in databases if name.startswith("zeitwork_bench_")]
+
+
+async def _databases(server: str) -> list[str]:
+    conn = await connect(server)
+    try:
+        return [row["datname"] for row in await conn.fetch("SELECT datname FROM pg_database")]
+    finally:
+        await conn.close()
 
 
 @pytest.mark.needs_tool("nginx")
