@@ -87,3 +87,21 @@ def database_url(postgres_server: str) -> Iterator[str]:
         yield dsn
     finally:
         drop_database(dsn, postgres_server)
+
+
+async def _migrate(dsn: str) -> None:
+    from edge.store.db import connect  # noqa: PLC0415
+    from edge.store.migrate import migrate  # noqa: PLC0415
+
+    conn = await connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def migrated_url(database_url: str) -> str:
+    """The session's database with the platform schema."""
+    asyncio.run(_migrate(database_url))
+    return database_url

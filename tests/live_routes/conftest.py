@@ -12,7 +12,6 @@ import pytest
 import pytest_asyncio
 import uvloop
 
-from edge.store.migrate import migrate
 from tests.live_routes.seed import Seed
 
 
@@ -21,21 +20,6 @@ def pytest_asyncio_loop_factories(
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """uvloop only: what the edge workers run on (the proxy's own suite covers asyncio)."""
     return {"uvloop": uvloop.new_event_loop}
-
-
-async def _migrate(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture(scope="session")
-def migrated_url(database_url: str) -> str:
-    """The session's database (tests/conftest.py), with the platform schema."""
-    asyncio.run(_migrate(database_url))
-    return database_url
 
 
 @pytest_asyncio.fixture

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
-from edge.store.db import connect, create_pool
-from edge.store.migrate import migrate
+from edge.store.db import create_pool
 from tests.conftest import create_database, drop_database
 
 # Every table but schema_migrations; CASCADE follows the foreign keys.
@@ -18,20 +16,6 @@ TABLES = (
     "regions, nodes, projects, environments, deployments, instances, domains, certificates,"
     " acme_challenges, github_webhooks, github_deliveries, instance_logs, audit_log"
 )
-
-
-async def _migrate(dsn: str) -> list[str]:
-    conn = await connect(dsn)
-    try:
-        return await migrate(conn)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture(scope="session")
-def migrated_url(database_url: str) -> str:
-    asyncio.run(_migrate(database_url))
-    return database_url
 
 
 @pytest_asyncio.fixture
