@@ -41,6 +41,9 @@ log = logging.getLogger("edge.live_routes")
 
 CHANNEL = "zeitwork_routes"
 
+# While the database stays down, how often the log says so again (seconds).
+REMINDER_INTERVAL = 60.0
+
 # What a lost or refusing database raises (the store translates asyncpg's errors); anything
 # else is a bug, logged with its traceback but handled the same way: the updater must never
 # die and leave a table frozen without a word.
@@ -135,6 +138,7 @@ class LiveRoutes:
         self._dirty_since = 0.0
         self._lost = False
         self._down_since: float | None = None
+        self._reminded_at = float("-inf")  # when the log last said the database is down
 
     # -- status --------------------------------------------------------------------------
 
@@ -299,11 +303,16 @@ class LiveRoutes:
                 self.last_error,
                 age_text,
             )
+        elif self._loop.time() - self._reminded_at >= REMINDER_INTERVAL:
+            # A reminder a minute while it stays down, with how stale the table has grown;
+            # each retry in between only at debug, so an outage does not flood the log.
+            log.warning("routes: still unavailable (%s); %s", self.last_error, age_text)
         else:
-            # Repeats while it stays down: one warning per outage is enough in the log.
             log.debug("routes: still unavailable (%s); %s", self.last_error, age_text)
         if self._down_since is None:
             self._down_since = self._loop.time()
+        if self.healthy or self._loop.time() - self._reminded_at >= REMINDER_INTERVAL:
+            self._reminded_at = self._loop.time()
         self.healthy = False
 
     def _drop_connection(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import statistics
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from edge import live_routes
 from edge.config import EdgeConfig
 from edge.live_routes import LiveRoutes, PostgresRouteProvider
 from edge.proxy.worker import ProxyWorker, listen_socket
@@ -353,3 +355,29 @@ async def poll(check: Callable[[], Awaitable[bool]], timeout: float = 2.0) -> bo
         while not await check():
             await asyncio.sleep(0.01)
     return True
+
+
+async def test_an_outage_is_logged_once_then_reminded_not_per_retry(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database that stays down: one warning when it goes, then a reminder per interval
+    (shortened here), never one warning per reconnect attempt."""
+    monkeypatch.setattr(live_routes, "REMINDER_INTERVAL", 0.3)
+    provider = PostgresRouteProvider(f"postgresql://postgres@{HOST}:{free_port()}/x", APPS)
+
+    class Target:
+        def install(self, table: Any) -> None:
+            raise AssertionError("no table can come from a database that is down")
+
+    caplog.set_level(logging.WARNING, logger="edge.live_routes")
+    live = LiveRoutes(Target(), provider, backoff_min=0.02, backoff_max=0.05)
+    live.start()
+    try:
+        await asyncio.sleep(0.75)
+    finally:
+        await live.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert live.failures >= 10
+    assert 2 <= len(warnings) <= 4, warnings  # the first, then one per 0.3 s
+    assert "unavailable" in warnings[0]
+    assert all("still unavailable" in w for w in warnings[1:])
