@@ -95,26 +95,45 @@ def embedded_server() -> Iterator[str]:
         yield server.dsn
 
 
-@contextlib.asynccontextmanager
-async def scratch_database(server_dsn: str) -> AsyncIterator[str]:
-    """A fresh database on the server of ``server_dsn``, migrated; dropped at the end."""
+async def create_scratch_database(server_dsn: str) -> str:
+    """A fresh, migrated database on the server of ``server_dsn``; returns its DSN."""
     name = f"zeitwork_bench_{secrets.token_hex(4)}"
     admin = await connect(server_dsn)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            dsn = database_in(server_dsn, name)
-            conn = await connect(dsn)
-            try:
-                await migrate(conn)
-            finally:
-                await conn.close()
-            yield dsn
-        finally:
-            # FORCE: a connection left behind by a failure must not keep the database.
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+    dsn = database_in(server_dsn, name)
+    try:
+        conn = await connect(dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+    except BaseException:
+        await drop_scratch_database(server_dsn, dsn)
+        raise
+    return dsn
+
+
+async def drop_scratch_database(server_dsn: str, dsn: str) -> None:
+    name = urlsplit(dsn).path.lstrip("/")
+    admin = await connect(server_dsn)
+    try:
+        # FORCE: a connection left behind by a failure must not keep the database.
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(server_dsn: str) -> AsyncIterator[str]:
+    """A fresh database on the server of ``server_dsn``, migrated; dropped at the end."""
+    dsn = await create_scratch_database(server_dsn)
+    try:
+        yield dsn
+    finally:
+        await drop_scratch_database(server_dsn, dsn)
 
 
 # --- instances: tiny upstreams that answer with their port ---------------------------------

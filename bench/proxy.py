@@ -523,7 +523,11 @@ def seeded_database(upstream_port: int) -> Iterator[str]:
     """A scratch platform database in which VHOST is a verified custom domain whose current
     deployment's one running, healthy instance is the upstream; dropped afterwards."""
     # Imported here: the other targets need neither asyncpg nor the store.
-    from bench.propagation import admin_url, database_in  # noqa: PLC0415
+    from bench.propagation import (  # noqa: PLC0415
+        admin_url,
+        create_scratch_database,
+        drop_scratch_database,
+    )
     from edge.store import (  # noqa: PLC0415
         deployments,
         domains,
@@ -533,21 +537,13 @@ def seeded_database(upstream_port: int) -> Iterator[str]:
         regions,
     )
     from edge.store.db import connect  # noqa: PLC0415
-    from edge.store.migrate import migrate  # noqa: PLC0415
 
     server = admin_url(None)
-    name = f"zeitwork_bench_{os.getpid()}_{upstream_port}"
-    dsn = database_in(server, name)
 
-    async def create() -> None:
-        admin = await connect(server)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
+    async def create() -> str:
+        dsn = await create_scratch_database(server)
         conn = await connect(dsn)
         try:
-            await migrate(conn)
             await regions.create(conn, "bench", "Bench", "DE")
             project = await projects.create(conn, "bench", "app")
             env = await environments.create(conn, project.id, "production")
@@ -562,22 +558,18 @@ def seeded_database(upstream_port: int) -> Iterator[str]:
             await deployments.set_status(conn, deployment.id, "active")
             domain = await domains.create(conn, VHOST, project_id=project.id, environment_id=env.id)
             await domains.record_check(conn, domain.id, verified=True, pointing=True)
+        except BaseException:
+            await drop_scratch_database(server, dsn)
+            raise
         finally:
             await conn.close()
+        return dsn
 
-    async def drop() -> None:
-        admin = await connect(server)
-        try:
-            # FORCE: the edge's connections may still be closing.
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
+    dsn = asyncio.run(create())
     try:
-        asyncio.run(create())
         yield dsn
     finally:
-        asyncio.run(drop())
+        asyncio.run(drop_scratch_database(server, dsn))
 
 
 def _edge_host_args(edge_cmd: Sequence[str]) -> list[str]:

@@ -18,6 +18,7 @@ import httptools
 from edge.proxy.http import (
     ALLOWED_METHODS,
     CONTINUE_100,
+    HOP_BY_HOP,
     VIA_TOKEN,
     RequestRejected,
     connection_options,
@@ -55,6 +56,7 @@ _H_XFH = 10
 _H_REQUEST_ID = 11
 _H_VIA = 12
 REQUEST_SPECIAL = {
+    **dict.fromkeys(HOP_BY_HOP, _H_DROP),
     b"host": _H_HOST,
     b"content-length": _H_CONTENT_LENGTH,
     b"transfer-encoding": _H_TE,
@@ -66,12 +68,6 @@ REQUEST_SPECIAL = {
     b"x-forwarded-host": _H_XFH,
     b"x-request-id": _H_REQUEST_ID,
     b"via": _H_VIA,
-    b"keep-alive": _H_DROP,
-    b"proxy-connection": _H_DROP,
-    b"proxy-authenticate": _H_DROP,
-    b"proxy-authorization": _H_DROP,
-    b"te": _H_DROP,
-    b"trailer": _H_DROP,
 }
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from edge.proxy.http import VIA_TOKEN, connection_options, drop_fields
+from edge.proxy.http import HOP_BY_HOP, VIA_TOKEN, connection_options, drop_fields
 
 if TYPE_CHECKING:
     from edge.proxy.client import ClientConnection, Exchange
@@ -41,13 +41,8 @@ _R_CONTENT_LENGTH = 4
 _R_VIA = 5
 _R_UPGRADE = 6
 RESPONSE_SPECIAL = {
+    **dict.fromkeys(HOP_BY_HOP, _R_DROP),
     b"connection": _R_CONNECTION,
-    b"keep-alive": _R_DROP,
-    b"proxy-connection": _R_DROP,
-    b"proxy-authenticate": _R_DROP,
-    b"proxy-authorization": _R_DROP,
-    b"te": _R_DROP,
-    b"trailer": _R_DROP,
     b"transfer-encoding": _R_TE,
     b"upgrade": _R_UPGRADE,
     b"content-length": _R_CONTENT_LENGTH,
