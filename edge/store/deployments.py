@@ -13,7 +13,7 @@ import secrets
 import string
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 from uuid import UUID
 
 from edge.store.errors import Conflict, Invalid, NotFound
@@ -62,6 +62,8 @@ class Deployment:
     draining_at: datetime | None
     inactive_at: datetime | None
     failed_at: datetime | None
+    # Environment variables of its instances.
+    env: dict[str, Any]
 
 
 def new_nanoid() -> str:
@@ -78,6 +80,7 @@ async def create(
     commit_sha: str | None = None,
     commit_message: str | None = None,
     instances_per_region: int = 1,
+    env: dict[str, str] | None = None,
 ) -> Deployment:
     """A ``pending`` deployment with a fresh nanoid; needs an image or a command."""
     if image is None and command is None:
@@ -88,8 +91,8 @@ async def create(
                 db,
                 Deployment,
                 "INSERT INTO deployments (project_id, environment_id, nanoid, image, command,"
-                " commit_sha, commit_message, instances_per_region)"
-                " SELECT $1, $2, $3, $4, $5, $6, $7, $8"
+                " commit_sha, commit_message, instances_per_region, env)"
+                " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9"
                 # The environment must be the project's own.
                 " WHERE EXISTS (SELECT 1 FROM environments WHERE id = $2 AND project_id = $1)"
                 " RETURNING *",
@@ -101,6 +104,7 @@ async def create(
                 commit_sha,
                 commit_message,
                 instances_per_region,
+                env or {},
             )
         except Conflict as exc:
             if exc.field == "nanoid":

@@ -1,7 +1,9 @@
-"""GitHub webhooks of projects and the deliveries received on them.
+"""GitHub webhooks of repositories and the deliveries received on them.
 
-A delivery is recorded under GitHub's delivery id, which is unique: a redelivered event
-raises :class:`Conflict` instead of deploying twice.
+A webhook belongs to a repository (``owner/repo``, lower case, as GitHub's ``full_name``
+compares); a push to it concerns every project built from that repository. A delivery is
+recorded under GitHub's delivery id, which is unique: a redelivered event raises
+:class:`Conflict` instead of deploying twice.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ DeliveryStatus = Literal["received", "processed", "ignored", "failed"]
 @dataclass(frozen=True, slots=True)
 class Webhook:
     id: UUID
-    project_id: UUID
     secret: str = field(repr=False)
     events: list[str]
     created_at: datetime
+    repository: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,18 +41,28 @@ class Delivery:
 
 
 async def create_webhook(
-    db: Executor, project_id: UUID, *, secret: str, events: list[str] | None = None
+    db: Executor, repository: str, *, secret: str, events: list[str] | None = None
 ) -> Webhook:
+    """The repository's webhook; :class:`Conflict` if it has one already."""
     webhook = await fetch_one(
         db,
         Webhook,
-        "INSERT INTO github_webhooks (project_id, secret, events)"
-        " VALUES ($1, $2, coalesce($3::text[], ARRAY['push'])) RETURNING *",
-        project_id,
+        "INSERT INTO github_webhooks (repository, secret, events)"
+        " VALUES (lower($1), $2, coalesce($3::text[], ARRAY['push'])) RETURNING *",
+        repository,
         secret,
         events,
     )
     assert webhook is not None
+    return webhook
+
+
+async def get_webhook_for(db: Executor, repository: str) -> Webhook:
+    webhook = await fetch_one(
+        db, Webhook, "SELECT * FROM github_webhooks WHERE repository = lower($1)", repository
+    )
+    if webhook is None:
+        raise NotFound(f"repository {repository!r} has no webhook", field="repository")
     return webhook
 
 
@@ -63,13 +75,8 @@ async def get_webhook(db: Executor, webhook_id: UUID) -> Webhook:
     return webhook
 
 
-async def list_webhooks(db: Executor, project_id: UUID) -> list[Webhook]:
-    return await fetch_all(
-        db,
-        Webhook,
-        "SELECT * FROM github_webhooks WHERE project_id = $1 ORDER BY created_at, id",
-        project_id,
-    )
+async def list_webhooks(db: Executor) -> list[Webhook]:
+    return await fetch_all(db, Webhook, "SELECT * FROM github_webhooks ORDER BY repository")
 
 
 async def delete_webhook(db: Executor, webhook_id: UUID) -> None:

@@ -31,6 +31,8 @@ class Instance:
     last_health_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    # The agent's word on a failure, an exit or a failed health check.
+    message: str | None
 
 
 async def create(
@@ -84,9 +86,10 @@ async def report(
     address: str | None = None,
     port: int | None = None,
     boot_time_ms: int | None = None,
+    message: str | None = None,
 ) -> Instance:
-    """Record what the agent reports; address, port and boot time stay unless given.
-    An instance that leaves ``running`` is no longer healthy."""
+    """Record what the agent reports; address, port and boot time stay unless given, the
+    message is replaced. An instance that leaves ``running`` is no longer healthy."""
     if state not in INSTANCE_STATES:
         raise Invalid(
             f"instance state {state!r} is not one of {sorted(INSTANCE_STATES)}", field="state"
@@ -96,13 +99,14 @@ async def report(
         Instance,
         "UPDATE instances SET state = $2, address = coalesce($3, address),"
         " port = coalesce($4, port), boot_time_ms = coalesce($5, boot_time_ms),"
-        " healthy = healthy AND $2 = 'running', updated_at = now()"
+        " healthy = healthy AND $2 = 'running', message = $6, updated_at = now()"
         " WHERE id = $1 RETURNING *",
         instance_id,
         state,
         address,
         port,
         boot_time_ms,
+        message,
     )
     if instance is None:
         raise NotFound(f"instance {instance_id} does not exist", field="id")

@@ -1,9 +1,10 @@
-"""Regions: where nodes run (``eu-central``), with a display name and an ISO country code."""
+"""Regions: where nodes run (``eu-central``), with a display name and a country."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from uuid import UUID
 
 from edge.store.errors import NotFound
 from edge.store.query import Executor, execute, fetch_all, fetch_one
@@ -15,6 +16,7 @@ class Region:
     name: str
     country: str
     created_at: datetime
+    id: UUID
 
 
 async def create(db: Executor, code: str, name: str, country: str) -> Region:

@@ -75,7 +75,7 @@ async def test_edge_routes_live_from_the_database(empty_database_url: str, tmp_p
     proc = spawn_edge(url, port, log)
     try:
         await wait_log(log, proc, " serving http://", 2)
-        assert "database migrated: 0001_platform" in read(log)
+        assert "database migrated: 0001_platform, 0002_admin_api" in read(log)
         conn = await asyncpg.connect(url)
         try:
             seed = await Seed.create(conn)

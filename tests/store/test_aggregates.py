@@ -80,12 +80,19 @@ async def test_regions(pool: Any) -> None:
     region = await regions.create(pool, "eu-central", "Frankfurt", "DE")
     assert await regions.get(pool, "eu-central") == region
     assert [r.code for r in await regions.list_all(pool)] == ["eu-central"]
+    assert region.id is not None
     with pytest.raises(Conflict, match="code 'eu-central' already exists") as exc:
         await regions.create(pool, "eu-central", "Again", "DE")
     assert exc.value.field == "code"
     with pytest.raises(Invalid, match="country") as invalid:
-        await regions.create(pool, "us-east", "Virginia", "usa")
+        await regions.create(pool, "us-east", "Virginia", "")
     assert invalid.value.field == "country"
+    # As the operations guide adds a region with psql.
+    await pool.execute(
+        "INSERT INTO regions (id, name, code, country)"
+        " VALUES (gen_random_uuid(), 'US West', 'us-west', 'United States')"
+    )
+    assert (await regions.get(pool, "us-west")).country == "United States"
     await regions.delete(pool, "eu-central")
     with pytest.raises(NotFound, match="region 'eu-central'"):
         await regions.get(pool, "eu-central")
@@ -375,10 +382,15 @@ async def test_certificates_and_acme(pool: Any) -> None:
 
 @pytest.mark.asyncio
 async def test_github_webhooks_and_deliveries(pool: Any) -> None:
-    project = await _project(pool)
-    webhook = await github.create_webhook(pool, project.id, secret="s3cret")
+    webhook = await github.create_webhook(pool, "Acme/Web", secret="s3cret")
+    assert webhook.repository == "acme/web"
     assert webhook.events == ["push"] and "s3cret" not in repr(webhook)
     assert await github.get_webhook(pool, webhook.id) == webhook
+    assert await github.get_webhook_for(pool, "ACME/web") == webhook
+    with pytest.raises(Conflict, match="repository 'acme/web' already exists"):
+        await github.create_webhook(pool, "acme/web", secret="other")
+    with pytest.raises(Invalid, match="repository"):
+        await github.create_webhook(pool, "not a repository", secret="x")
     payload = {"ref": "refs/heads/main", "after": "abc123"}
     delivery = await github.record_delivery(
         pool, webhook.id, delivery_id="d-1", event="push", payload=payload
@@ -393,7 +405,7 @@ async def test_github_webhooks_and_deliveries(pool: Any) -> None:
     assert [d.delivery_id for d in await github.list_deliveries(pool, webhook.id)] == ["d-1"]
     with pytest.raises(NotFound, match="webhook_id"):
         await github.record_delivery(pool, uuid4(), delivery_id="d-2", event="push", payload={})
-    assert [w.id for w in await github.list_webhooks(pool, project.id)] == [webhook.id]
+    assert [w.id for w in await github.list_webhooks(pool)] == [webhook.id]
     await github.delete_webhook(pool, webhook.id)
     with pytest.raises(NotFound):
         await github.get_webhook(pool, webhook.id)

@@ -13,7 +13,7 @@ def test_migrate_then_up_to_date(
     empty_database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["migrate", "--database-url", empty_database_url]) == 0
-    assert capsys.readouterr().out == "applied 0001_platform\n"
+    assert capsys.readouterr().out == "applied 0001_platform\napplied 0002_admin_api\n"
     assert main(["migrate", "--database-url", empty_database_url]) == 0
     assert capsys.readouterr().out == "schema up to date\n"
 
@@ -41,6 +41,6 @@ def test_migrate_embedded_without_url(
 ) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     assert main(["migrate", "--data-dir", str(tmp_path / "pg")]) == 0
-    assert capsys.readouterr().out == "applied 0001_platform\n"
+    assert capsys.readouterr().out == "applied 0001_platform\napplied 0002_admin_api\n"
     assert main(["migrate", "--data-dir", str(tmp_path / "pg")]) == 0
     assert capsys.readouterr().out == "schema up to date\n"
