@@ -5,12 +5,14 @@ The node token is stored as a hash only (``token_hash``); checking it is the adm
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, get_args
+from decimal import Decimal
+from typing import Any, Literal, get_args
 from uuid import UUID
 
-from edge.store.errors import Invalid, NotFound
+from edge.store.errors import Invalid, NotFound, translated
 from edge.store.query import Executor, execute, fetch_all, fetch_one
 
 NodeState = Literal["ready", "draining", "drained", "down"]
@@ -121,3 +123,61 @@ async def mark_silent_down(db: Executor, timeout_seconds: float) -> list[Node]:
 async def delete(db: Executor, node_id: UUID) -> None:
     if not await execute(db, "DELETE FROM nodes WHERE id = $1", node_id):
         raise NotFound(f"node {node_id} does not exist", field="id")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeUsage:
+    """A node with what its live instances (not stopped or failed) take of it."""
+
+    node: Node
+    instances: int
+    used_vcpu: Decimal
+    used_memory_mb: int
+
+
+_USAGE = (
+    "SELECT n.*, count(i.id) AS instance_count,"
+    " coalesce(sum(p.vcpu), 0) AS used_vcpu, coalesce(sum(p.memory_mb), 0) AS used_memory_mb"
+    " FROM nodes n"
+    " LEFT JOIN instances i ON i.node_id = n.id AND i.state NOT IN ('stopped', 'failed')"
+    " LEFT JOIN deployments d ON d.id = i.deployment_id"
+    " LEFT JOIN projects p ON p.id = d.project_id"
+)
+
+
+def _usage(row: Mapping[str, Any]) -> NodeUsage:
+    values = dict(row)
+    count = values.pop("instance_count")
+    vcpu = values.pop("used_vcpu")
+    memory = values.pop("used_memory_mb")
+    return NodeUsage(Node(**values), int(count), Decimal(vcpu), int(memory))
+
+
+async def list_usage(
+    db: Executor,
+    *,
+    region: str | None = None,
+    state: NodeState | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[list[NodeUsage], int]:
+    """One page of nodes (by region, hostname) with their usage, and how many match."""
+    where = " WHERE ($1::text IS NULL OR n.region = $1) AND ($2::text IS NULL OR n.state = $2)"
+    with translated():
+        rows = await db.fetch(
+            _USAGE + where + " GROUP BY n.id ORDER BY n.region, n.hostname LIMIT $3 OFFSET $4",
+            region,
+            state,
+            limit,
+            offset,
+        )
+        total = await db.fetchval(f"SELECT count(*) FROM nodes n{where}", region, state)
+    return [_usage(row) for row in rows], int(total)
+
+
+async def get_usage(db: Executor, node_id: UUID) -> NodeUsage:
+    with translated():
+        row = await db.fetchrow(_USAGE + " WHERE n.id = $1 GROUP BY n.id", node_id)
+    if row is None:
+        raise NotFound(f"node {node_id} does not exist", field="id")
+    return _usage(row)

@@ -1,0 +1,580 @@
+"""Routes of the admin API, declared once: dispatch, validation, auth, errors and OpenAPI.
+
+A handler is registered with :meth:`Api.route` together with everything the framework needs
+to call it and to describe it: the method and path template, who may call it, the pydantic
+models of its body, query and answer, and its success status. From that one declaration:
+
+- dispatch: unknown path 404, wrong method 405 with ``Allow``;
+- auth: a bearer token of the right kind, else 401 (no or a wrong token) or 403 (a token
+  that may not do this), every one logged with the client's address;
+- validation: the query and the JSON body become typed objects; an unknown field, a wrong
+  type or a missing field is a 400 that names the field;
+- errors: :class:`ApiError` and the store's exceptions become ``{"error": {"code",
+  "message"}}`` with their status; the database being down is a 503;
+- lists: paginated with ``page`` and ``per_page``; the answer is the JSON array of the page,
+  with ``X-Total-Count`` and a ``Link`` header (``rel="next"`` ...), as GitHub's API does;
+- the OpenAPI 3.1 document (:meth:`Api.openapi`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote, urlencode
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.json_schema import models_json_schema
+
+from edge.admin.http import Request, Response, error_body
+from edge.store.errors import Conflict, DatabaseUnavailable, Invalid, NotFound, StoreError
+
+if TYPE_CHECKING:
+    from edge.admin.app import AdminContext
+    from edge.admin.auth import Principal
+
+log = logging.getLogger("edge.admin")
+
+# Who may call a route:
+# - "none": anyone (health, metrics, the GitHub receiver, which checks its own signature);
+# - "admin": the admin token;
+# - "register": the admin token or the node bootstrap token (agent registration);
+# - "node": the admin token or the token of the node named by the path's ``{id}``.
+Auth = Literal["none", "admin", "register", "node"]
+
+DEFAULT_PER_PAGE = 100
+MAX_PER_PAGE = 1000
+
+
+class Strict(BaseModel):
+    """Base of request bodies: unknown fields are errors, JSON types are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class QueryModel(BaseModel):
+    """Base of query parameters: unknown ones are errors; text converts to the field's type."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Out(BaseModel):
+    """Base of answers."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
+class ErrorDetail(Out):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(Out):
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    """An answer other than success: status, a stable code, and a message for people."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.field = field
+        self.headers = list(headers)
+
+    def response(self) -> Response:
+        detail: dict[str, Any] = {"code": self.code, "message": str(self)}
+        if self.field is not None:
+            detail["field"] = self.field
+        return Response(self.status, json.dumps({"error": detail}).encode(), headers=self.headers)
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, "not_found", f"{what} does not exist")
+
+
+@dataclass(frozen=True, slots=True)
+class PageRequest:
+    page: int
+    per_page: int
+
+    @property
+    def limit(self) -> int:
+        return self.per_page
+
+    @property
+    def offset(self) -> int:
+        return (self.page - 1) * self.per_page
+
+
+@dataclass(slots=True)
+class Page:
+    """One page of a list and the length of the whole list."""
+
+    items: Sequence[Any]
+    total: int
+
+
+@dataclass(slots=True)
+class Reply:
+    """An answer with a status or headers other than the route's defaults."""
+
+    data: Any
+    status: int | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Call:
+    """What a handler gets: the request, its path parameters and validated inputs."""
+
+    request: Request
+    params: dict[str, str]
+    body: Any
+    query: Any
+    page: PageRequest
+    principal: Principal | None
+    ctx: AdminContext
+
+
+Handler = Callable[[Call], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    auth: Auth
+    summary: str
+    tag: str
+    body: type[BaseModel] | None
+    body_required: bool
+    query: type[QueryModel] | None
+    response: type[BaseModel] | None
+    many: bool
+    status: int
+    errors: tuple[int, ...]
+    # Changes recorded in the audit log (the mutating routes of operators).
+    audit: bool
+    content_type: str
+    segments: tuple[str, ...] = ()
+
+    def match(self, segments: Sequence[str]) -> dict[str, str] | None:
+        if len(segments) != len(self.segments):
+            return None
+        params = {}
+        for pattern, value in zip(self.segments, segments, strict=True):
+            if pattern.startswith("{"):
+                if not value:
+                    return None
+                params[pattern[1:-1]] = value
+            elif pattern != value:
+                return None
+        return params
+
+    @property
+    def specificity(self) -> int:
+        return sum(1 for s in self.segments if not s.startswith("{"))
+
+
+class Api:
+    """A set of routes; :meth:`dispatch` serves a request with them."""
+
+    def __init__(self) -> None:
+        self.routes: list[Route] = []
+
+    def route(
+        self,
+        method: str,
+        path: str,
+        *,
+        auth: Auth,
+        summary: str,
+        tag: str,
+        body: type[BaseModel] | None = None,
+        body_required: bool = True,
+        query: type[QueryModel] | None = None,
+        response: type[BaseModel] | None = None,
+        many: bool = False,
+        status: int = 200,
+        errors: tuple[int, ...] = (),
+        audit: bool | None = None,
+        content_type: str = "application/json",
+    ) -> Callable[[Handler], Handler]:
+        def register(handler: Handler) -> Handler:
+            self.routes.append(
+                Route(
+                    method=method,
+                    path=path,
+                    handler=handler,
+                    auth=auth,
+                    summary=summary,
+                    tag=tag,
+                    body=body,
+                    body_required=body_required,
+                    query=query,
+                    response=response,
+                    many=many,
+                    status=status,
+                    errors=errors,
+                    audit=(method != "GET" and auth == "admin") if audit is None else audit,
+                    content_type=content_type,
+                    segments=tuple(path.split("/")[1:]),
+                )
+            )
+            return handler
+
+        return register
+
+    def include(self, other: Api) -> None:
+        self.routes.extend(other.routes)
+
+    def resolve(self, request: Request) -> tuple[Route, dict[str, str]]:
+        """The route for the request, or 404/405."""
+        matches = [(r, p) for r in self.routes if (p := r.match(request.segments)) is not None]
+        if not matches:
+            raise ApiError(404, "not_found", f"no such path: {request.raw_path}")
+        # The most specific template that fits wins (``/deployments/current`` over
+        # ``/deployments/{id}``); 405 only when no template of the path has the method.
+        best = max(r.specificity for r, _ in matches)
+        matches = [(r, p) for r, p in matches if r.specificity == best]
+        method = "GET" if request.method == "HEAD" else request.method
+        for route, params in matches:
+            if route.method == method:
+                return route, params
+        allowed = sorted(
+            {r.method for r, _ in matches}
+            | ({"HEAD"} if any(r.method == "GET" for r, _ in matches) else set())
+        )
+        raise ApiError(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.raw_path}; allowed: {', '.join(allowed)}",
+            headers=[("allow", ", ".join(allowed))],
+        )
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+def _field_name(loc: Sequence[int | str]) -> str:
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name
+
+
+def validation_error(exc: ValidationError, where: str) -> ApiError:
+    """400 naming the first field at fault (``resources.vcpu``)."""
+    first = exc.errors(include_url=False)[0]
+    kind = first["type"]
+    loc = [p for p in first["loc"] if p not in ("body",)]
+    name = _field_name(loc)
+    if kind == "json_invalid":
+        return ApiError(400, "invalid_json", f"the {where} is not valid JSON: {first['msg']}")
+    if kind == "model_type" or (kind.endswith("_type") and not name):
+        return ApiError(400, "invalid_body", f"the {where} must be a JSON object")
+    if kind == "missing":
+        return ApiError(400, "missing_field", f"{name} is required", field=name)
+    if kind == "extra_forbidden":
+        return ApiError(400, "unknown_field", f"{name} is not a known field", field=name)
+    message = first["msg"]
+    # A model validator's own error has no location: its message names the field.
+    if kind == "value_error":
+        message = message.removeprefix("Value error, ")
+    code = "wrong_type" if kind.endswith(("_type", "_parsing")) else "invalid_value"
+    return ApiError(400, code, f"{name}: {message}" if name else message, field=name or None)
+
+
+def _query_values(route: Route, request: Request) -> tuple[dict[str, str], PageRequest]:
+    values: dict[str, str] = {}
+    for key, value in request.query:
+        if key in values:
+            raise ApiError(400, "invalid_query", f"query parameter {key} is given twice", field=key)
+        values[key] = value
+    page, per_page = 1, DEFAULT_PER_PAGE
+    if route.many:
+        page = _int_param(values.pop("page", "1"), "page", 1, 1_000_000)
+        per_page = _int_param(
+            values.pop("per_page", str(DEFAULT_PER_PAGE)), "per_page", 1, MAX_PER_PAGE
+        )
+    return values, PageRequest(page, per_page)
+
+
+def _int_param(text: str, name: str, low: int, high: int) -> int:
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise ApiError(
+            400,
+            "invalid_query",
+            f"query parameter {name} must be a whole number from {low} to {high}",
+            field=name,
+        )
+    return int(text)
+
+
+def _parse_body(route: Route, request: Request) -> Any:
+    if route.body is None:
+        return None
+    if not request.body.strip():
+        if route.body_required:
+            raise ApiError(400, "missing_body", "a JSON body is required")
+        return None
+    media = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if media.lower() not in ("application/json", "") and not media.lower().endswith("+json"):
+        raise ApiError(
+            415, "unsupported_media_type", f"the body must be application/json, not {media}"
+        )
+    try:
+        return route.body.model_validate_json(request.body)
+    except ValidationError as exc:
+        raise validation_error(exc, "body") from None
+
+
+def _dump(route: Route, data: Any) -> Any:
+    if isinstance(data, BaseModel):
+        return data.model_dump(mode="json")
+    if route.response is not None and not isinstance(data, dict | list | str | int | float):
+        return route.response.model_validate(data).model_dump(mode="json")
+    if isinstance(data, list):
+        return [_dump(route, item) for item in data]
+    return data
+
+
+def _link_header(request: Request, page: PageRequest, total: int) -> str:
+    last = max(1, -(-total // page.per_page))
+    others = [(k, v) for k, v in request.query if k not in ("page", "per_page")]
+
+    def url(number: int) -> str:
+        query = urlencode([*others, ("page", str(number)), ("per_page", str(page.per_page))])
+        return f"<{quote(request.raw_path)}?{query}>"
+
+    links = []
+    if page.page < last:
+        links.append(f'{url(page.page + 1)}; rel="next"')
+    if page.page > 1:
+        links.append(f'{url(min(page.page - 1, last))}; rel="prev"')
+    links.append(f'{url(1)}; rel="first"')
+    links.append(f'{url(last)}; rel="last"')
+    return ", ".join(links)
+
+
+def _store_error(exc: StoreError) -> ApiError:
+    if isinstance(exc, NotFound):
+        return ApiError(404, "not_found", str(exc), field=exc.field)
+    if isinstance(exc, Conflict):
+        return ApiError(409, "conflict", str(exc), field=exc.field)
+    if isinstance(exc, Invalid):
+        return ApiError(400, "invalid_value", str(exc), field=exc.field)
+    if isinstance(exc, DatabaseUnavailable):
+        log.error("admin API: %s", exc)
+        return ApiError(
+            503,
+            "database_unavailable",
+            "the database is unavailable; try again shortly",
+            headers=[("retry-after", "5")],
+        )
+    log.error("admin API: store error: %s", exc)
+    return ApiError(500, "internal", "internal error in the store")
+
+
+async def dispatch(api: Api, ctx: AdminContext, request: Request) -> Response:
+    """Serve one request; never raises."""
+    started = time.perf_counter()
+    route: Route | None = None
+    try:
+        route, params = api.resolve(request)
+        principal = await ctx.auth.authenticate(request, route.auth, params)
+        values, page = _query_values(route, request)
+        if route.query is not None:
+            try:
+                query = route.query.model_validate(values)
+            except ValidationError as exc:
+                raise validation_error(exc, "query") from None
+        elif values:
+            name = next(iter(values))
+            raise ApiError(400, "invalid_query", f"unknown query parameter {name}", field=name)
+        else:
+            query = None
+        body = _parse_body(route, request)
+        call = Call(request, params, body, query, page, principal, ctx)
+        result = await route.handler(call)
+        response = _respond(route, request, page, result)
+        if route.audit and principal is not None and response.status < 400:
+            await ctx.audit(principal, route, request)
+    except ApiError as exc:
+        response = exc.response()
+    except StoreError as exc:
+        response = _store_error(exc).response()
+    except Exception:
+        log.exception("admin API: %s %s failed", request.method, request.raw_path)
+        response = Response(500, error_body("internal", "internal server error"))
+    ctx.observe(
+        route.path if route else "unmatched",
+        request.method,
+        response.status,
+        time.perf_counter() - started,
+    )
+    return response
+
+
+def _respond(route: Route, request: Request, page: PageRequest, result: Any) -> Response:
+    status = route.status
+    headers: list[tuple[str, str]] = []
+    if isinstance(result, Reply):
+        status = result.status or status
+        headers = result.headers
+        result = result.data
+    if isinstance(result, Response):
+        return result
+    if isinstance(result, Page):
+        headers = [
+            *headers,
+            ("x-total-count", str(result.total)),
+            ("link", _link_header(request, page, result.total)),
+        ]
+        result = list(result.items)
+    if result is None and route.response is None:
+        return Response(204 if status == 200 else status, headers=headers)
+    if isinstance(result, bytes):
+        return Response(status, result, content_type=route.content_type, headers=headers)
+    body = json.dumps(_dump(route, result), separators=(",", ":")).encode()
+    return Response(status, body, headers=headers)
+
+
+# -- OpenAPI ------------------------------------------------------------------------------
+
+_STATUS_TEXT = {
+    200: "OK",
+    201: "Created",
+    202: "Accepted",
+    204: "No content",
+    400: "Invalid input: a field is unknown, missing or has a wrong value",
+    401: "No token, or an invalid one",
+    403: "The token may not do this",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict with the current state",
+    413: "Body over 1 MiB",
+    415: "Body is not JSON",
+    503: "The database is unavailable",
+}
+
+
+def openapi(api: Api, *, version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every route."""
+    models: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
+        (ErrorBody, "serialization")
+    ]
+    for route in api.routes:
+        if route.body is not None:
+            models.append((route.body, "validation"))
+        if route.response is not None:
+            models.append((route.response, "serialization"))
+    refs, top = models_json_schema(
+        list(dict.fromkeys(models)), ref_template="#/components/schemas/{model}"
+    )
+    paths: dict[str, dict[str, Any]] = {}
+    for route in api.routes:
+        operation: dict[str, Any] = {
+            "operationId": route.handler.__name__,
+            "summary": route.summary,
+            "tags": [route.tag],
+            "parameters": _parameters(route),
+            "responses": _responses(route, refs),
+        }
+        if route.auth == "none":
+            operation["security"] = []
+        if route.body is not None:
+            operation["requestBody"] = {
+                "required": route.body_required,
+                "content": {"application/json": {"schema": refs[(route.body, "validation")]}},
+            }
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Zeitwork admin API",
+            "version": version,
+            "description": "The operator API of the Zeitwork platform, on the admin port.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": top.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+def _parameters(route: Route) -> list[dict[str, Any]]:
+    parameters: list[dict[str, Any]] = [
+        {"name": s[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+        for s in route.segments
+        if s.startswith("{")
+    ]
+    if route.many:
+        parameters += [
+            {
+                "name": "page",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+            },
+            {
+                "name": "per_page",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE},
+            },
+        ]
+    if route.query is not None:
+        schema = route.query.model_json_schema()
+        required = set(schema.get("required", ()))
+        for name, prop in schema.get("properties", {}).items():
+            bare = {k: v for k, v in prop.items() if k != "title"}
+            parameters.append(
+                {"name": name, "in": "query", "required": name in required, "schema": bare}
+            )
+    return parameters
+
+
+def _responses(route: Route, refs: dict[Any, Any]) -> dict[str, Any]:
+    error = {"content": {"application/json": {"schema": refs[(ErrorBody, "serialization")]}}}
+    responses: dict[str, Any] = {}
+    if route.response is not None:
+        schema = refs[(route.response, "serialization")]
+        if route.many:
+            schema = {"type": "array", "items": schema}
+        responses[str(route.status)] = {
+            "description": _STATUS_TEXT.get(route.status, "OK"),
+            "content": {route.content_type: {"schema": schema}},
+        }
+    elif route.content_type != "application/json":
+        responses[str(route.status)] = {
+            "description": "OK",
+            "content": {route.content_type: {"schema": {"type": "string"}}},
+        }
+    else:
+        responses["204"] = {"description": _STATUS_TEXT[204]}
+    codes = {400, *route.errors}
+    if route.auth != "none":
+        codes |= {401, 403}
+    if route.body is not None:
+        codes |= {413, 415}
+    if route.auth != "none" or route.errors:
+        codes.add(503)
+    for code in sorted(codes):
+        responses[str(code)] = {"description": _STATUS_TEXT.get(code, "Error"), **error}
+    return responses
