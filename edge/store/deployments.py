@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import secrets
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, get_args
 from uuid import UUID
 
-from edge.store.errors import Conflict, Invalid, NotFound
+from edge.store.errors import Conflict, Invalid, NotFound, translated
 from edge.store.query import Executor, execute, fetch_all, fetch_one, fetch_value
 
 Status = Literal[
@@ -200,3 +201,109 @@ async def set_status(
 async def delete(db: Executor, deployment_id: UUID) -> None:
     if not await execute(db, "DELETE FROM deployments WHERE id = $1", deployment_id):
         raise NotFound(f"deployment {deployment_id} does not exist", field="id")
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentView:
+    """A deployment with the names it is known by: its project's org and name, its
+    environment's name, and whether it is that environment's current deployment."""
+
+    deployment: Deployment
+    org: str
+    project: str
+    environment: str
+    current: bool
+
+    @property
+    def name(self) -> str:
+        """``<project>-<nanoid>-<org>``: the deployment's host label."""
+        return f"{self.project}-{self.deployment.nanoid}-{self.org}"
+
+
+_VIEW = (
+    "SELECT d.*, p.org AS view_org, p.name AS view_project, e.name AS view_environment,"
+    " e.current_deployment_id IS NOT DISTINCT FROM d.id AS view_current"
+    " FROM deployments d JOIN projects p ON p.id = d.project_id"
+    " JOIN environments e ON e.id = d.environment_id"
+)
+_VIEW_FILTER = (
+    " WHERE ($1::uuid IS NULL OR d.project_id = $1)"
+    " AND ($2::text IS NULL OR p.org = $2)"
+    " AND ($3::text IS NULL OR p.name = $3)"
+    " AND ($4::text IS NULL OR d.status = $4)"
+    " AND ($5::text IS NULL OR e.name = $5)"
+)
+
+
+def _view(row: Mapping[str, Any]) -> DeploymentView:
+    values = dict(row)
+    return DeploymentView(
+        deployment=Deployment(**{k: v for k, v in values.items() if not k.startswith("view_")}),
+        org=values["view_org"],
+        project=values["view_project"],
+        environment=values["view_environment"],
+        current=values["view_current"],
+    )
+
+
+async def list_views(
+    db: Executor,
+    *,
+    project_id: UUID | None = None,
+    org: str | None = None,
+    project: str | None = None,
+    status: str | None = None,
+    environment: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[list[DeploymentView], int]:
+    """One page of deployments, newest first, and how many match the filters."""
+    args = (project_id, org, project, status, environment)
+    with translated():
+        rows = await db.fetch(
+            _VIEW + _VIEW_FILTER + " ORDER BY d.created_at DESC, d.id LIMIT $6 OFFSET $7",
+            *args,
+            limit,
+            offset,
+        )
+        total = await db.fetchval(
+            "SELECT count(*) FROM deployments d JOIN projects p ON p.id = d.project_id"
+            " JOIN environments e ON e.id = d.environment_id" + _VIEW_FILTER,  # noqa: S608
+            *args,
+        )
+    return [_view(row) for row in rows], int(total)
+
+
+async def get_view(db: Executor, deployment_id: UUID) -> DeploymentView:
+    with translated():
+        row = await db.fetchrow(_VIEW + " WHERE d.id = $1", deployment_id)
+    if row is None:
+        raise NotFound(f"deployment {deployment_id} does not exist", field="id")
+    return _view(row)
+
+
+def _nanoid_candidates(name: str) -> list[str]:
+    """Every 7-character ``[a-z0-9]`` label between two hyphens of ``name``: org and project
+    names may contain hyphens themselves, so the nanoid's place is not fixed."""
+    labels = name.split("-")
+    return [
+        label
+        for label in labels[1:-1]
+        if len(label) == NANOID_LENGTH and all(c in NANOID_ALPHABET for c in label)
+    ]
+
+
+async def get_view_by_name(db: Executor, name: str) -> DeploymentView:
+    """The deployment named ``<project>-<nanoid>-<org>``."""
+    candidates = _nanoid_candidates(name.lower())
+    if candidates:
+        with translated():
+            rows = await db.fetch(
+                _VIEW + " WHERE d.nanoid = ANY($1::text[])"
+                " AND p.name || '-' || d.nanoid || '-' || p.org = $2",
+                candidates,
+                name.lower(),
+            )
+        if rows:
+            return _view(rows[0])
+    raise NotFound(f"deployment {name!r} does not exist", field="name")

@@ -1,0 +1,80 @@
+"""Answers and look-ups shared by several areas of the API: projects by their path, and
+deployments as operators see them (with their name and URL)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import Field
+
+from edge.admin.api import Call, Out, not_found
+from edge.store import projects
+from edge.store.deployments import DeploymentView, Status
+from edge.store.errors import NotFound
+
+
+class DeploymentOut(Out):
+    id: UUID
+    name: str = Field(description="<project>-<nanoid>-<org>, the label of its host")
+    url: str
+    org: str
+    project: str
+    environment: str
+    current: bool = Field(description="whether its environment routes to it")
+    status: Status
+    image: str | None
+    command: str | None
+    commit_sha: str | None
+    commit_message: str | None
+    instances_per_region: int
+    env: dict[str, str]
+    failure_reason: str | None
+    created_at: datetime
+    placing_at: datetime | None
+    starting_at: datetime | None
+    healthy_at: datetime | None
+    active_at: datetime | None
+    draining_at: datetime | None
+    inactive_at: datetime | None
+    failed_at: datetime | None
+
+
+def deployment_out(view: DeploymentView, apps_domain: str) -> DeploymentOut:
+    d = view.deployment
+    values: dict[str, Any] = {
+        "id": d.id,
+        "name": view.name,
+        "url": f"https://{view.name}.{apps_domain}",
+        "org": view.org,
+        "project": view.project,
+        "environment": view.environment,
+        "current": view.current,
+        "status": d.status,
+        "image": d.image,
+        "command": d.command,
+        "commit_sha": d.commit_sha,
+        "commit_message": d.commit_message,
+        "instances_per_region": d.instances_per_region,
+        "env": d.env,
+        "failure_reason": d.failure_reason,
+        "created_at": d.created_at,
+        "placing_at": d.placing_at,
+        "starting_at": d.starting_at,
+        "healthy_at": d.healthy_at,
+        "active_at": d.active_at,
+        "draining_at": d.draining_at,
+        "inactive_at": d.inactive_at,
+        "failed_at": d.failed_at,
+    }
+    return DeploymentOut.model_validate(values)
+
+
+async def project_of(call: Call) -> projects.Project:
+    """The project named by the path's ``{org}`` and ``{name}``, or 404."""
+    org, name = call.params["org"], call.params["name"]
+    try:
+        return await projects.get_by_name(call.ctx.pool, org, name)
+    except NotFound:
+        raise not_found(f"project {org}/{name}") from None
