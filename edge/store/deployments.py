@@ -234,6 +234,13 @@ _VIEW_FILTER = (
     " AND ($5::text IS NULL OR e.name = $5)"
 )
 
+# Constants joined at import; the values are parameters.
+_VIEW_FROM = (
+    " FROM deployments d JOIN projects p ON p.id = d.project_id"
+    " JOIN environments e ON e.id = d.environment_id"
+)
+_VIEW_COUNT = "SELECT count(*)" + _VIEW_FROM + _VIEW_FILTER
+
 
 def _view(row: Mapping[str, Any]) -> DeploymentView:
     values = dict(row)
@@ -266,11 +273,7 @@ async def list_views(
             limit,
             offset,
         )
-        total = await db.fetchval(
-            "SELECT count(*) FROM deployments d JOIN projects p ON p.id = d.project_id"
-            " JOIN environments e ON e.id = d.environment_id" + _VIEW_FILTER,  # noqa: S608
-            *args,
-        )
+        total = await db.fetchval(_VIEW_COUNT, *args)
     return [_view(row) for row in rows], int(total)
 
 
