@@ -573,15 +573,20 @@ def seeded_database(upstream_port: int) -> Iterator[str]:
 
 
 def _edge_host_args(edge_cmd: Sequence[str]) -> list[str]:
-    # Keep the edge on loopback like everything else here, where the CLI lets us choose.
+    # Keep the edge on loopback like everything else here, where the CLI lets us choose, and
+    # without its admin API (measured here is the proxy, and the port may be taken).
+    args: list[str] = []
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         done = subprocess.run(
             [*edge_cmd, "edge", "--help"], capture_output=True, text=True, timeout=20, check=False
         )
         for flag in ("--host", "--http-host"):
             if re.search(rf"(?<![\w-]){flag}(?![\w-])", done.stdout):
-                return [flag, HOST]
-    return []
+                args += [flag, HOST]
+                break
+        if re.search(r"(?<![\w-])--admin-port(?![\w-])", done.stdout):
+            args += ["--admin-port", "0"]
+    return args
 
 
 # --- the benchmark -------------------------------------------------------------------------

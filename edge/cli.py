@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the edge reverse proxy",
         description="Routes come from a routes file (--routes) or live from PostgreSQL "
         "(--database-url, else $DATABASE_URL); with neither, from an embedded PostgreSQL "
-        "in --data-dir.",
+        "in --data-dir. The admin API listens on --admin-port; its token comes from "
+        "$ZEITWORK_ADMIN_TOKEN or --admin-token-file, else it is generated into "
+        "<data-dir>/admin-token on first start.",
     )
     edge.add_argument(
         "--routes",
@@ -64,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="DIR",
-        help="data directory of the embedded PostgreSQL used without a database URL",
+        help="the edge's data directory: the embedded PostgreSQL (used without a database "
+        "URL) and a generated admin token (default /var/lib/zeitwork for root, else "
+        "~/.local/share/zeitwork)",
     )
     edge.add_argument(
         "--apps-domain",
@@ -94,6 +98,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="peer whose X-Forwarded-* and X-Request-Id are kept (repeatable)",
     )
     edge.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    admin = edge.add_argument_group("admin API")
+    admin.add_argument("--admin-host", default="0.0.0.0", help="address of the admin API")
+    admin.add_argument(
+        "--admin-port", type=int, default=8080, help="admin API port (default 8080; 0: off)"
+    )
+    admin.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="file holding the admin token (default: $ZEITWORK_ADMIN_TOKEN, else "
+        "<data-dir>/admin-token, generated on first start)",
+    )
+    admin.add_argument(
+        "--edge-host",
+        default="edge.zeitwork.com",
+        help="host that customers' domains point at with a CNAME (default edge.zeitwork.com)",
+    )
+    admin.add_argument(
+        "--nameserver",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="nameserver for domain verification (repeatable; default: the system's)",
+    )
     d = ProxyLimits()
     limits = edge.add_argument_group("limits and timeouts")
     limits.add_argument("--max-header-size", type=size, default=d.max_header_size)
@@ -144,10 +173,17 @@ def edge_config(args: argparse.Namespace) -> EdgeConfig:
     if database_url is None and args.routes is None:
         # $DATABASE_URL is a default, not a second source: an explicit --routes wins over it.
         database_url = os.environ.get("DATABASE_URL") or None
+    if args.data_dir is not None:
+        kwargs["data_dir"] = args.data_dir
     return EdgeConfig(
         routes_path=args.routes,
         database_url=database_url,
-        data_dir=args.data_dir,
+        admin_host=args.admin_host,
+        admin_port=args.admin_port,
+        admin_token=_admin_token(args.admin_token_file),
+        bootstrap_token=os.environ.get("ZEITWORK_BOOTSTRAP_TOKEN") or None,
+        edge_host=args.edge_host.strip().lower().rstrip("."),
+        nameservers=tuple(args.nameserver),
         apps_domain=args.apps_domain.strip().lower().rstrip("."),
         region=args.region,
         routes_reload_interval=args.routes_reload_interval,
@@ -157,6 +193,19 @@ def edge_config(args: argparse.Namespace) -> EdgeConfig:
         limits=limits,
         **kwargs,
     )
+
+
+def _admin_token(token_file: Path | None) -> str | None:
+    """The configured admin token: the file's content, else $ZEITWORK_ADMIN_TOKEN."""
+    if token_file is None:
+        return os.environ.get("ZEITWORK_ADMIN_TOKEN") or None
+    try:
+        token = token_file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the admin token file {token_file}: {exc.strerror}") from exc
+    if not token:
+        raise ConfigError(f"the admin token file {token_file} is empty")
+    return token
 
 
 def add_migrate_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -177,8 +226,8 @@ def add_migrate_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
         type=Path,
         default=None,
         metavar="DIR",
-        help="data directory of the embedded PostgreSQL (default ~/.local/share/zeitwork/"
-        "postgres, or /var/lib/zeitwork/postgres for root)",
+        help="the edge's data directory, whose postgres/ holds the embedded PostgreSQL "
+        "(default ~/.local/share/zeitwork, or /var/lib/zeitwork for root)",
     )
 
 
@@ -193,7 +242,8 @@ def migrate_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     database_url = args.database_url or os.environ.get("DATABASE_URL") or None
 
     async def run() -> list[str]:
-        db = await open_database(database_url, data_dir=args.data_dir, max_size=1)
+        data_dir = args.data_dir / "postgres" if args.data_dir is not None else None
+        db = await open_database(database_url, data_dir=data_dir, max_size=1)
         try:
             return await migrate(db.pool)
         finally:

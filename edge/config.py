@@ -21,6 +21,16 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the option."""
 
 
+def default_data_dir() -> Path:
+    """Where the edge keeps its state (the embedded PostgreSQL, a generated admin token):
+    ``/var/lib/zeitwork`` for root, else ``$XDG_DATA_HOME/zeitwork`` or
+    ``~/.local/share/zeitwork``."""
+    if os.geteuid() == 0 and not os.environ.get("XDG_DATA_HOME"):
+        return Path("/var/lib/zeitwork")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "zeitwork"
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyLimits:
     """Sizes and timeouts of the proxy (seconds and bytes)."""
@@ -102,13 +112,32 @@ class EdgeConfig:
     # The region this edge runs in: its instances are preferred, others serve as failover.
     region: str = ""
     database_url: str | None = None
-    # Where the embedded PostgreSQL keeps its data (None: the default under the data home).
-    data_dir: Path | None = None
+    # The edge's state: the embedded PostgreSQL in <data_dir>/postgres, a generated admin token.
+    data_dir: Path = field(default_factory=default_data_dir)
     apps_domain: str = "zeitwork.app"
     # Full reload of a database routing table, covering notifications that never arrived.
     routes_reload_interval: float = 30.0
     # A burst of change notifications within this window costs one reload.
     routes_debounce: float = 0.05
+    # The admin API (in the master process); port 0 turns it off.
+    admin_host: str = "0.0.0.0"
+    admin_port: int = 8080
+    # The admin token; None: read <data_dir>/admin-token, generated there on first start.
+    admin_token: str | None = field(default=None, repr=False)
+    # A token that may only register nodes, for provisioning agents.
+    bootstrap_token: str | None = field(default=None, repr=False)
+    # The host customers' domains point at with a CNAME.
+    edge_host: str = "edge.zeitwork.com"
+    # Nameservers for domain verification ("host" or "host:port"); empty: the system's.
+    nameservers: tuple[str, ...] = ()
+
+    @property
+    def postgres_dir(self) -> Path:
+        return self.data_dir / "postgres"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.data_dir / "admin-token"
 
     def __post_init__(self) -> None:
         if not 0 < self.http_port < 65536:
@@ -131,6 +160,14 @@ class EdgeConfig:
             )
         if not self.routes_debounce >= 0:
             raise ConfigError(f"routes debounce must be >= 0, got {self.routes_debounce}")
+        if not 0 <= self.admin_port < 65536:
+            raise ConfigError(f"admin port must be 0-65535 (0: off), got {self.admin_port}")
+        if self.admin_port and self.admin_port == self.http_port:
+            raise ConfigError(f"the admin port and the HTTP port are both {self.http_port}")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ConfigError("the admin token must be at least 16 characters")
+        if self.bootstrap_token is not None and len(self.bootstrap_token) < 16:
+            raise ConfigError("the bootstrap token must be at least 16 characters")
 
 
 def parse_networks(values: list[str]) -> tuple[IPNetwork, ...]:

@@ -9,6 +9,11 @@ Routes come from a routes file, or from PostgreSQL: then the master first applie
 schema migrations (once, not per worker), starting the embedded PostgreSQL when no database
 URL is given (and stopping it after the workers), and each worker follows the table live
 (:mod:`edge.live_routes`).
+
+The master also serves the admin API (:mod:`edge.admin`) on the admin port, and holds the
+leader lock (:mod:`edge.leader`). Each worker stamps the time of its last routing table
+install into an array shared with the master, which /health and /metrics report as the
+table's age.
 """
 
 from __future__ import annotations
@@ -21,17 +26,19 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 import uvloop
 
 from edge.config import EdgeConfig
+from edge.leader import LeaderLock
 from edge.live_routes import LiveRoutes, PostgresRouteProvider
 from edge.proxy.worker import ProxyWorker, listen_socket
 from edge.routing import FileRouteProvider, RouteProvider, RoutesError
-from edge.store.db import connect, describe_dsn
+from edge.store.db import connect, create_pool, describe_dsn
 from edge.store.embedded import EmbeddedPostgres
 from edge.store.errors import StoreError
 from edge.store.migrate import migrate
@@ -54,16 +61,21 @@ def setup_logging(level: str) -> None:
 # -- worker process ---------------------------------------------------------------------
 
 
-def worker_main(config: EdgeConfig, index: int, log_level: str) -> None:
-    """Entry point of a worker process."""
+def worker_main(
+    config: EdgeConfig, index: int, log_level: str, installed: MutableSequence[float]
+) -> None:
+    """Entry point of a worker process; ``installed[index]`` gets the wall-clock time of
+    each routing table install."""
     setup_logging(log_level)
     # Ctrl-C reaches the whole process group; only the master decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    code = uvloop.run(_serve_worker(config, index))
+    code = uvloop.run(_serve_worker(config, index, installed))
     sys.exit(code)
 
 
-async def _serve_worker(config: EdgeConfig, index: int) -> int:
+async def _serve_worker(
+    config: EdgeConfig, index: int, installed: MutableSequence[float] | None = None
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -72,6 +84,7 @@ async def _serve_worker(config: EdgeConfig, index: int) -> int:
     if config.database_url:
         provider = PostgresRouteProvider(config.database_url, config.apps_domain)
         worker = ProxyWorker(config, provider)
+        _stamp_installs(worker, index, installed)
         live = LiveRoutes(
             worker,
             provider,
@@ -90,6 +103,7 @@ async def _serve_worker(config: EdgeConfig, index: int) -> int:
         assert config.routes_path is not None
         provider = FileRouteProvider(config.routes_path)
         worker = ProxyWorker(config, provider)
+        _stamp_installs(worker, index, installed)
 
         def reload() -> object:
             return loop.create_task(worker.reload())
@@ -125,6 +139,18 @@ async def _serve_worker(config: EdgeConfig, index: int) -> int:
     return 0
 
 
+def _stamp_installs(
+    worker: ProxyWorker, index: int, installed: MutableSequence[float] | None
+) -> None:
+    if installed is None:
+        return
+
+    def stamp() -> None:
+        installed[index] = time.time()
+
+    worker.on_install = stamp
+
+
 async def _first_of(wanted: asyncio.Event, stop: asyncio.Event) -> bool:
     """Wait for ``wanted`` unless ``stop`` comes first; whether ``wanted`` came."""
     waits = [asyncio.ensure_future(wanted.wait()), asyncio.ensure_future(stop.wait())]
@@ -153,6 +179,11 @@ class Master:
         self._interrupts = 0
         self._wake: asyncio.Event | None = None
         self._embedded: EmbeddedPostgres | None = None
+        # Wall-clock time of each worker's last routing table install (0: none yet).
+        self._installed: MutableSequence[float] = self._ctx.Array("d", config.workers, lock=False)
+        self._admin: Any = None
+        self._pool: Any = None
+        self._leader: LeaderLock | None = None
 
     def run(self) -> int:
         return uvloop.run(self._main())
@@ -161,7 +192,12 @@ class Master:
         try:
             if self.config.routes_path is None and not await self._prepare_database():
                 return 1
-            return await self._run()
+            if not await self._start_admin():
+                return 1
+            try:
+                return await self._run()
+            finally:
+                await self._stop_admin()
         finally:
             # After the workers: they read routes from it until they stop.
             if self._embedded is not None:
@@ -177,7 +213,7 @@ class Master:
         dsn = self.config.database_url
         try:
             if not dsn:
-                self._embedded = EmbeddedPostgres(self.config.data_dir)
+                self._embedded = EmbeddedPostgres(self.config.postgres_dir)
                 log.info("no database URL: starting PostgreSQL in %s", self._embedded.data_dir)
                 dsn = await asyncio.to_thread(self._embedded.start)
                 self.config = replace(self.config, database_url=dsn)
@@ -192,6 +228,83 @@ class Master:
         if applied:
             log.info("database migrated: %s", ", ".join(applied))
         return True
+
+    def routing_age(self) -> float | None:
+        """Age of the oldest routing table among the live workers (None: none has one)."""
+        alive = [i for i, p in self._workers.items() if p.is_alive()]
+        stamps = [self._installed[i] for i in alive if self._installed[i] > 0]
+        if not stamps:
+            return None
+        return max(0.0, time.time() - min(stamps))
+
+    async def _start_admin(self) -> bool:
+        """The admin API on the admin port (and the leader lock); False (logged) if the port
+        cannot be had."""
+        if not self.config.admin_port:
+            return True
+        # Imported here: a routes-file edge without an admin port needs none of it.
+        from edge.admin.app import (  # noqa: PLC0415
+            AdminContext,
+            AdminServer,
+            AdminSettings,
+        )
+        from edge.admin.auth import Authenticator, load_admin_token  # noqa: PLC0415
+
+        dsn = self.config.database_url
+        try:
+            token, source = load_admin_token(self.config.admin_token, self.config.admin_token_file)
+        except OSError as exc:
+            log.error("cannot read or create the admin token file: %s", exc)
+            return False
+        try:
+            if dsn:
+                self._pool = await create_pool(dsn, min_size=1, max_size=10)
+                self._leader = LeaderLock(dsn)
+                self._leader.start()
+        except StoreError as exc:
+            log.error("%s", exc)
+            return False
+        leader = self._leader
+        ctx = AdminContext(
+            pool=self._pool,
+            auth=Authenticator(self._pool, token, self.config.bootstrap_token),
+            settings=AdminSettings(
+                apps_domain=self.config.apps_domain,
+                edge_host=self.config.edge_host,
+                nameservers=self.config.nameservers,
+                region=self.config.region,
+            ),
+            routing_age=self.routing_age,
+            is_leader=(lambda: leader.is_leader) if leader is not None else (lambda: False),
+        )
+        if dsn:
+            self._admin = AdminServer(ctx)
+        else:
+            # From a routes file there is no platform state: health and metrics only.
+            from edge.admin import system  # noqa: PLC0415
+
+            self._admin = AdminServer(ctx, api=system.api)
+        host, port = self.config.admin_host, self.config.admin_port
+        try:
+            await self._admin.start(host, port)
+        except OSError as exc:
+            log.error("cannot listen on the admin port %s:%d: %s", host, port, exc.strerror or exc)
+            self._admin = None
+            await self._stop_admin()
+            return False
+        log.info("admin API on http://%s:%d (admin token from %s)", host, port, source)
+        return True
+
+    async def _stop_admin(self) -> None:
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None
+        if self._leader is not None:
+            await self._leader.stop()
+            self._leader = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     def _routes_source(self) -> str:
         if self.config.routes_path is not None:
@@ -250,7 +363,7 @@ class Master:
     def _spawn(self, index: int) -> None:
         proc = self._ctx.Process(
             target=worker_main,
-            args=(self.config, index, self.log_level),
+            args=(self.config, index, self.log_level, self._installed),
             name=f"zeitwork-edge-worker-{index}",
         )
         proc.start()

@@ -147,9 +147,11 @@ def build_api() -> Api:
 class AdminServer:
     """The admin API on its port."""
 
-    def __init__(self, ctx: AdminContext, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self, ctx: AdminContext, limits: ServerLimits | None = None, api: Api | None = None
+    ) -> None:
         self.ctx = ctx
-        self.api = build_api()
+        self.api = api or build_api()
         self._http = HttpServer(self._serve, limits)
 
     async def _serve(self, request: Request) -> Response:

@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import socket
+from collections.abc import Callable
 from email.utils import formatdate
 from random import random
 
@@ -104,6 +105,8 @@ class ProxyWorker:
         self.routes: dict[bytes, Route] = {}
         self.pools: dict[Address, UpstreamPool] = {}
         self.table: RoutingTable | None = None
+        # Called after each install (the process reports its table's age to the master).
+        self.on_install: Callable[[], None] | None = None
         self.clients: set[ClientConnection] = set()
         self.upstreams: set[UpstreamConnection] = set()
         self.shutting_down = False
@@ -128,6 +131,8 @@ class ProxyWorker:
         finally:
             if collecting:
                 gc.enable()
+        if self.on_install is not None:
+            self.on_install()
 
     def _install(self, table: RoutingTable) -> None:
         pools: dict[Address, UpstreamPool] = {}

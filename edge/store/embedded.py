@@ -29,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from edge import config
 from edge.store.errors import DatabaseUnavailable
 
 # pgserver's list of the processes using the server, in the data directory.
@@ -40,12 +41,9 @@ class EmbeddedError(DatabaseUnavailable):
 
 
 def default_data_dir() -> Path:
-    if os.geteuid() == 0 and not os.environ.get("XDG_DATA_HOME"):
-        # As root (a service), a system path: pgserver would otherwise make the directories
-        # above a data directory under /root traversable for its own user.
-        return Path("/var/lib/zeitwork/postgres")
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "zeitwork" / "postgres"
+    # As root (a service), a system path: pgserver would otherwise make the directories
+    # above a data directory under /root traversable for its own user.
+    return config.default_data_dir() / "postgres"
 
 
 def _pgserver() -> Any:

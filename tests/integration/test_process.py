@@ -243,6 +243,8 @@ def edge(tmp_path: Path) -> Iterator[StartEdge]:
                     str(port),
                     "--workers",
                     str(workers),
+                    "--admin-port",
+                    "0",
                     *flags,
                 ],
                 stdin=subprocess.DEVNULL,

@@ -151,7 +151,7 @@ def test_flags_become_config(tmp_path: Path) -> None:
             "--routes",
             str(tmp_path / "r.json"),
             "--http-port",
-            "8080",
+            "8088",
             "--workers",
             "3",
             "--trusted-proxy",
@@ -172,7 +172,7 @@ def test_flags_become_config(tmp_path: Path) -> None:
     )
     config = edge_config(args)
     assert config.routes_path == tmp_path / "r.json"
-    assert (config.http_port, config.workers) == (8080, 3)
+    assert (config.http_port, config.workers) == (8088, 3)
     assert config.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"),)
     limits = config.limits
     assert (limits.max_header_size, limits.max_body_size) == (16 * 1024, 1024**2)

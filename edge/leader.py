@@ -1,0 +1,75 @@
+"""Leader election among the edges that share one database: a PostgreSQL advisory lock.
+
+The leader is the edge whose dedicated connection holds ``pg_try_advisory_lock(KEY)``; the
+lock goes with the connection, so an edge that dies or loses its connection stops being
+leader at once on the server's side, and another edge takes the lock at its next try. An edge
+that is not leader tries every ``interval`` seconds; the leader checks its connection as
+often, so it notices a lost lock within that time too.
+
+Limits: leadership is only a flag here (:attr:`LeaderLock.is_leader`); the singleton loops
+that run on the leader (the scheduler, ACME) read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from edge.store.db import connect
+from edge.store.errors import TRANSLATED, StoreError, translate
+
+log = logging.getLogger("edge.leader")
+
+_FAILURES: tuple[type[BaseException], ...] = (StoreError, *TRANSLATED)
+
+# The advisory lock key of the platform's leader ("zeitwork" in ASCII, as a bigint).
+KEY = 0x7A65_6974_776F_726B
+
+
+class LeaderLock:
+    def __init__(self, dsn: str, *, interval: float = 2.0) -> None:
+        self.dsn = dsn
+        self.interval = interval
+        self.is_leader = False
+        self._conn: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="leader-lock")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._drop()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._step()
+            except _FAILURES as exc:
+                if self.is_leader:
+                    log.error("lost the leader lock: %s", translate(exc))
+                self.is_leader = False
+                await self._drop()
+            await asyncio.sleep(self.interval)
+
+    async def _step(self) -> None:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await connect(self.dsn)
+        if self.is_leader:
+            # The lock lives as long as the connection: a round trip proves both.
+            await self._conn.fetchval("SELECT 1")
+            return
+        if await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", KEY):
+            self.is_leader = True
+            log.info("this edge is now the leader")
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 2.0)
