@@ -89,6 +89,14 @@ def database_url(postgres_server: str) -> Iterator[str]:
         drop_database(dsn, postgres_server)
 
 
+@pytest.fixture
+def empty_database_url(postgres_server: str) -> Iterator[str]:
+    """A database of the test's own, with no schema at all."""
+    dsn = create_database(postgres_server)
+    yield dsn
+    drop_database(dsn, postgres_server)
+
+
 async def _migrate(dsn: str) -> None:
     from edge.store.db import connect  # noqa: PLC0415
     from edge.store.migrate import migrate  # noqa: PLC0415

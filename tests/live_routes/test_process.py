@@ -8,13 +8,11 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
-from tests.conftest import create_database, drop_database
 from tests.harness import HOST, Upstream, free_port, get, request
 from tests.integration.test_process import zeitwork_command
 from tests.live_routes.seed import Seed
@@ -22,14 +20,6 @@ from tests.live_routes.seed import Seed
 pytestmark = pytest.mark.asyncio
 
 STARTUP_TIMEOUT = 20.0
-
-
-@pytest.fixture
-def empty_database_url(postgres_server: str) -> Iterator[str]:
-    """A database of the test's own, with no schema at all: the edge migrates it."""
-    dsn = create_database(postgres_server)
-    yield dsn
-    drop_database(dsn, postgres_server)
 
 
 def spawn_edge(url: str, port: int, log: Path) -> subprocess.Popen[bytes]:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 import pytest_asyncio
 
 from edge.store.db import create_pool
-from tests.conftest import create_database, drop_database
 
 # Every table but schema_migrations; CASCADE follows the foreign keys.
 TABLES = (
@@ -25,11 +23,3 @@ async def pool(migrated_url: str) -> AsyncIterator[Any]:
     await pool.execute(f"TRUNCATE {TABLES} CASCADE")
     yield pool
     await pool.close()
-
-
-@pytest.fixture
-def empty_database_url(postgres_server: str) -> Iterator[str]:
-    """A database of the test's own, with no schema at all."""
-    dsn = create_database(postgres_server)
-    yield dsn
-    drop_database(dsn, postgres_server)
