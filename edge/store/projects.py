@@ -2,18 +2,22 @@
 
 ``(org, name)`` is unique; both appear in the deployment hosts
 (``<name>-<nanoid>-<org>.<apps domain>``), hence the lower-case DNS-label checks.
+A project is created with its environments in one transaction
+(:func:`create_with_environments`), so none exists without somewhere to deploy to.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from edge.store.errors import Invalid, NotFound
-from edge.store.query import Executor, execute, fetch_all, fetch_one
+from edge.store import environments
+from edge.store.errors import Invalid, NotFound, translated
+from edge.store.query import Executor, execute, fetch_all, fetch_one, fetch_value
 
 # What update() may change; identity (org, name) and timestamps are not settings.
 SETTINGS = frozenset(
@@ -70,6 +74,19 @@ async def create(db: Executor, org: str, name: str, **settings: Any) -> Project:
     return project
 
 
+async def create_with_environments(
+    pool: Any, org: str, name: str, environment_names: Sequence[str], **settings: Any
+) -> Project:
+    """:func:`create` and its environments, all or nothing (``pool``: an ``asyncpg.Pool``)."""
+    # translated(): taking a connection from the pool can fail on its own (server down).
+    with translated():
+        async with pool.acquire() as conn, conn.transaction():
+            project = await create(conn, org, name, **settings)
+            for environment in environment_names:
+                await environments.create(conn, project.id, environment)
+    return project
+
+
 async def get(db: Executor, project_id: UUID) -> Project:
     project = await fetch_one(db, Project, "SELECT * FROM projects WHERE id = $1", project_id)
     if project is None:
@@ -93,6 +110,44 @@ async def list_all(db: Executor, *, org: str | None = None) -> list[Project]:
         "SELECT * FROM projects WHERE ($1::text IS NULL OR org = $1) ORDER BY org, name",
         org,
     )
+
+
+_PAGE = (
+    "SELECT * FROM projects WHERE ($1::text IS NULL OR org = $1)"
+    " ORDER BY org, name LIMIT $2 OFFSET $3"
+)
+_COUNT = "SELECT count(*) FROM projects WHERE ($1::text IS NULL OR org = $1)"
+
+
+async def list_page(
+    db: Executor, *, org: str | None = None, limit: int = 100, offset: int = 0
+) -> tuple[list[Project], int]:
+    """One page of projects by org and name, and how many match."""
+    found = await fetch_all(db, Project, _PAGE, org, limit, offset)
+    total = await fetch_value(db, _COUNT, org)
+    return found, int(total)
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectCounts:
+    domains: int
+    deployments: int
+    # Instances meant to run (neither stopped nor failed) across all its deployments.
+    instances: int
+
+
+_COUNTS = (
+    "SELECT (SELECT count(*) FROM domains WHERE project_id = $1) AS domains,"
+    " (SELECT count(*) FROM deployments WHERE project_id = $1) AS deployments,"
+    " (SELECT count(*) FROM instances i JOIN deployments d ON d.id = i.deployment_id"
+    "  WHERE d.project_id = $1 AND i.state NOT IN ('stopped', 'failed')) AS instances"
+)
+
+
+async def counts(db: Executor, project_id: UUID) -> ProjectCounts:
+    found = await fetch_one(db, ProjectCounts, _COUNTS, project_id)
+    assert found is not None  # scalar subqueries: always one row
+    return found
 
 
 async def update(db: Executor, project_id: UUID, **settings: Any) -> Project:
