@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 from uuid import UUID
 
 from edge.store.errors import Conflict, Invalid, NotFound, translated
+from edge.store.instances import Instance, InstanceState
 from edge.store.query import Executor, execute, fetch_all, fetch_one, fetch_value
 
 Status = Literal[
@@ -310,3 +311,100 @@ async def get_view_by_name(db: Executor, name: str) -> DeploymentView:
         if rows:
             return _view(rows[0])
     raise NotFound(f"deployment {name!r} does not exist", field="name")
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentInstance:
+    """An instance of a deployment with the hostname of its node (None once unplaced)."""
+
+    instance: Instance
+    node_hostname: str | None
+
+
+_INSTANCES_OF = (
+    "SELECT i.*, n.hostname AS view_node_hostname FROM instances i"
+    " LEFT JOIN nodes n ON n.id = i.node_id WHERE i.deployment_id = $1"
+    " ORDER BY i.region, i.created_at, i.id LIMIT $2 OFFSET $3"
+)
+
+
+async def list_instances(
+    db: Executor, deployment_id: UUID, *, limit: int = 100, offset: int = 0
+) -> tuple[list[DeploymentInstance], int]:
+    """One page of the deployment's instances, by region, and how many it has."""
+    with translated():
+        rows = await db.fetch(_INSTANCES_OF, deployment_id, limit, offset)
+        total = await db.fetchval(
+            "SELECT count(*) FROM instances WHERE deployment_id = $1", deployment_id
+        )
+    found = []
+    for row in rows:
+        values = dict(row)
+        hostname = values.pop("view_node_hostname")
+        found.append(DeploymentInstance(Instance(**values), hostname))
+    return found, int(total)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceCount:
+    """How many of a deployment's instances are in one region and state, and how many of
+    those are healthy."""
+
+    region: str
+    state: InstanceState
+    instances: int
+    healthy: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentMetrics:
+    """What the database knows of a deployment now, measured on the database's clock."""
+
+    counts: list[InstanceCount]
+    # Over the instances that reported a boot time; all None when none did.
+    boot_samples: int
+    boot_min_ms: int | None
+    boot_avg_ms: float | None
+    boot_max_ms: int | None
+    boot_p50_ms: float | None
+    age_seconds: float
+    # healthy_at - created_at; None while it never became healthy.
+    time_to_healthy_seconds: float | None
+
+
+_COUNTS = (
+    "SELECT region, state, count(*) AS instances, count(*) FILTER (WHERE healthy) AS healthy"
+    " FROM instances WHERE deployment_id = $1 GROUP BY region, state ORDER BY region, state"
+)
+_TIMES = (
+    "SELECT extract(epoch FROM now() - d.created_at)::float8 AS age_seconds,"
+    " extract(epoch FROM d.healthy_at - d.created_at)::float8 AS time_to_healthy_seconds,"
+    " b.* FROM deployments d, LATERAL ("
+    " SELECT count(boot_time_ms) AS boot_samples, min(boot_time_ms) AS boot_min_ms,"
+    " avg(boot_time_ms)::float8 AS boot_avg_ms, max(boot_time_ms) AS boot_max_ms,"
+    " percentile_cont(0.5) WITHIN GROUP (ORDER BY boot_time_ms) AS boot_p50_ms"
+    " FROM instances WHERE deployment_id = d.id) b"
+    " WHERE d.id = $1"
+)
+
+
+async def metrics(db: Executor, deployment_id: UUID) -> DeploymentMetrics:
+    """Instance counts by region and state, boot times, age and time to healthy."""
+    with translated():
+        times = await db.fetchrow(_TIMES, deployment_id)
+        rows = await db.fetch(_COUNTS, deployment_id)
+    if times is None:
+        raise NotFound(f"deployment {deployment_id} does not exist", field="id")
+    return DeploymentMetrics(
+        counts=[
+            InstanceCount(r["region"], r["state"], int(r["instances"]), int(r["healthy"]))
+            for r in rows
+        ],
+        boot_samples=int(times["boot_samples"]),
+        boot_min_ms=times["boot_min_ms"],
+        boot_avg_ms=times["boot_avg_ms"],
+        boot_max_ms=times["boot_max_ms"],
+        boot_p50_ms=times["boot_p50_ms"],
+        age_seconds=times["age_seconds"],
+        time_to_healthy_seconds=times["time_to_healthy_seconds"],
+    )
