@@ -5,12 +5,14 @@ The routing table serves the ``running`` and healthy ones; the agent reports the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, get_args
+from decimal import Decimal
+from typing import Any, Literal, get_args
 from uuid import UUID
 
-from edge.store.errors import Invalid, NotFound
+from edge.store.errors import Invalid, NotFound, translated
 from edge.store.query import Executor, execute, fetch_all, fetch_one
 
 InstanceState = Literal["pending", "starting", "running", "stopping", "stopped", "failed"]
@@ -130,3 +132,78 @@ async def set_health(db: Executor, instance_id: UUID, healthy: bool) -> Instance
 async def delete(db: Executor, instance_id: UUID) -> None:
     if not await execute(db, "DELETE FROM instances WHERE id = $1", instance_id):
         raise NotFound(f"instance {instance_id} does not exist", field="id")
+
+
+# -- what the agents see ------------------------------------------------------------------
+
+# The instances a node's agent must know of: those it must run (not stopped or failed, of a
+# deployment that is not over) and those the platform is stopping, whatever their deployment.
+_ASSIGNED = (
+    " FROM instances i JOIN deployments d ON d.id = i.deployment_id"
+    " JOIN projects p ON p.id = d.project_id"
+    " WHERE i.node_id = $1 AND (i.state = 'stopping' OR (i.state NOT IN ('stopped', 'failed')"
+    " AND d.status NOT IN ('inactive', 'failed')))"
+)
+# Constants joined at import; the values are parameters.
+_ASSIGNMENTS = (
+    "SELECT i.id AS instance_id, i.deployment_id, i.state, p.org, p.name AS project,"
+    " d.nanoid, d.image, d.command, d.env, p.app_port, p.health_check_path, p.vcpu,"
+    " p.memory_mb" + _ASSIGNED + " ORDER BY i.created_at, i.id"
+)
+_UNASSIGNED = (
+    "SELECT r.id FROM unnest($2::uuid[]) WITH ORDINALITY AS r (id, n)"  # noqa: S608
+    " WHERE NOT EXISTS (SELECT 1" + _ASSIGNED + " AND i.id = r.id) ORDER BY r.n"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """An instance its node must run (or stop, when ``state`` is ``stopping``), with what
+    the agent needs to run it."""
+
+    instance_id: UUID
+    deployment_id: UUID
+    state: InstanceState
+    org: str
+    project: str
+    nanoid: str
+    image: str | None
+    command: str | None
+    env: dict[str, Any]
+    app_port: int
+    health_check_path: str
+    vcpu: Decimal
+    memory_mb: int
+
+    @property
+    def deployment_name(self) -> str:
+        return f"{self.project}-{self.nanoid}-{self.org}"
+
+
+async def list_assignments(db: Executor, node_id: UUID) -> list[Assignment]:
+    """The node's assignments, oldest instance first."""
+    return await fetch_all(db, Assignment, _ASSIGNMENTS, node_id)
+
+
+async def unassigned(db: Executor, node_id: UUID, instance_ids: Sequence[UUID]) -> list[UUID]:
+    """Those of ``instance_ids`` that are not among the node's assignments, in their order."""
+    with translated():
+        rows = await db.fetch(_UNASSIGNED, node_id, list(instance_ids))
+    return [row["id"] for row in rows]
+
+
+async def lock_on_node(
+    db: Executor, node_id: UUID, instance_ids: Sequence[UUID]
+) -> dict[UUID, Instance]:
+    """Those of ``instance_ids`` that are on the node, locked for update until the end of
+    the transaction (``db`` must be a connection in one)."""
+    # Locked in id order: two batches over the same instances cannot deadlock.
+    found = await fetch_all(
+        db,
+        Instance,
+        "SELECT * FROM instances WHERE node_id = $1 AND id = ANY($2::uuid[])"
+        " ORDER BY id FOR UPDATE",
+        node_id,
+        list(instance_ids),
+    )
+    return {instance.id: instance for instance in found}

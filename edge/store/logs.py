@@ -1,12 +1,13 @@
 """Instance log lines (stdout and stderr), read back per deployment in arrival order.
 
 Limits: a plain table; retention is :func:`prune`'s caller's job. Lines are paged by their
-increasing id, so a follower polls with ``after`` = the last id it saw.
+increasing id, so a follower polls with ``after`` = the last id it saw. :func:`append_for_node`
+takes the lines an agent sends, keeping only those of its own node's instances.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -55,3 +56,31 @@ async def read(
 async def prune(db: Executor, before: datetime) -> int:
     """Delete the lines logged before ``before``; how many."""
     return await execute(db, "DELETE FROM instance_logs WHERE logged_at < $1", before)
+
+
+async def append_for_node(
+    db: Executor,
+    node_id: UUID,
+    lines: Sequence[tuple[UUID, Stream, str, datetime | None]],
+) -> int:
+    """Store ``(instance id, stream, line, logged at or None for now)`` in their order, those
+    of instances on ``node_id`` only; how many were stored."""
+    if not lines:
+        return 0
+    instance_ids, streams, texts, times = zip(*lines, strict=True)
+    # One statement for the whole batch; the join drops the lines of other nodes' instances
+    # and ORDINALITY keeps the agent's order in the ids.
+    return await execute(
+        db,
+        "INSERT INTO instance_logs (instance_id, deployment_id, stream, line, logged_at)"
+        " SELECT i.id, i.deployment_id, l.stream, l.line, coalesce(l.at, now())"
+        " FROM unnest($2::uuid[], $3::text[], $4::text[], $5::timestamptz[])"
+        " WITH ORDINALITY AS l (instance_id, stream, line, at, n)"
+        " JOIN instances i ON i.id = l.instance_id AND i.node_id = $1"
+        " ORDER BY l.n",
+        node_id,
+        list(instance_ids),
+        list(streams),
+        list(texts),
+        list(times),
+    )

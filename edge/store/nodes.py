@@ -182,3 +182,25 @@ async def get_usage(db: Executor, node_id: UUID) -> NodeUsage:
     if row is None:
         raise NotFound(f"node {node_id} does not exist", field="id")
     return _usage(row)
+
+
+async def check_in(
+    db: Executor, node_id: UUID, *, vcpu: int | None = None, memory_mb: int | None = None
+) -> Node:
+    """A heartbeat of the node's agent, at the database's clock: the capacity it reports
+    (when given) replaces the recorded one, and a node marked ``down`` is ``ready`` again (a
+    draining or drained node stays so: that was an operator's decision)."""
+    node = await fetch_one(
+        db,
+        Node,
+        "UPDATE nodes SET last_heartbeat = now(), vcpu = coalesce($2, vcpu),"
+        " memory_mb = coalesce($3, memory_mb),"
+        " state = CASE WHEN state = 'down' THEN 'ready' ELSE state END"
+        " WHERE id = $1 RETURNING *",
+        node_id,
+        vcpu,
+        memory_mb,
+    )
+    if node is None:
+        raise NotFound(f"node {node_id} does not exist", field="id")
+    return node
