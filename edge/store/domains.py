@@ -7,11 +7,13 @@ token is generated here; checking DNS for it is the caller's job.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
-from edge.store.errors import NotFound
+from edge.store.errors import NotFound, translated
 from edge.store.query import Executor, execute, fetch_all, fetch_one
 
 
@@ -87,3 +89,51 @@ async def record_check(db: Executor, domain_id: UUID, *, verified: bool, pointin
 async def delete(db: Executor, domain_id: UUID) -> None:
     if not await execute(db, "DELETE FROM domains WHERE id = $1", domain_id):
         raise NotFound(f"domain {domain_id} does not exist", field="id")
+
+
+@dataclass(frozen=True, slots=True)
+class DomainView:
+    """A domain with the name of the environment it routes to."""
+
+    domain: Domain
+    environment: str
+
+
+_VIEW = (
+    "SELECT d.*, e.name AS view_environment"
+    " FROM domains d JOIN environments e ON e.id = d.environment_id"
+)
+
+
+def _view(row: Mapping[str, Any]) -> DomainView:
+    values = dict(row)
+    environment = values.pop("view_environment")
+    return DomainView(Domain(**values), environment)
+
+
+async def list_views(
+    db: Executor, project_id: UUID, *, limit: int = 100, offset: int = 0
+) -> tuple[list[DomainView], int]:
+    """One page of the project's domains by name, and how many it has."""
+    with translated():
+        rows = await db.fetch(
+            _VIEW + " WHERE d.project_id = $1 ORDER BY d.name LIMIT $2 OFFSET $3",
+            project_id,
+            limit,
+            offset,
+        )
+        total = await db.fetchval("SELECT count(*) FROM domains WHERE project_id = $1", project_id)
+    return [_view(row) for row in rows], int(total)
+
+
+async def get_view(db: Executor, project_id: UUID, name: str) -> DomainView:
+    """The project's domain ``name``; :class:`NotFound` if the project has no such domain."""
+    with translated():
+        row = await db.fetchrow(
+            _VIEW + " WHERE d.project_id = $1 AND d.name = $2",
+            project_id,
+            name.rstrip(".").lower(),
+        )
+    if row is None:
+        raise NotFound(f"domain {name!r} does not exist", field="name")
+    return _view(row)
