@@ -11,26 +11,41 @@ models of its body, query and answer, and its success status. From that one decl
   type or a missing field is a 400 that names the field;
 - errors: :class:`ApiError` and the store's exceptions become ``{"error": {"code",
   "message"}}`` with their status; the database being down is a 503;
+- answers: serialised through the route's response model, so an answer is exactly what
+  the document promises (a handler may return a model, a dict, a dataclass or a row);
 - lists: paginated with ``page`` and ``per_page``; the answer is the JSON array of the page,
   with ``X-Total-Count`` and a ``Link`` header (``rel="next"`` ...), as GitHub's API does;
-- the OpenAPI 3.1 document (:meth:`Api.openapi`).
+- the OpenAPI 3.1 document (:func:`openapi`).
+
+A database error that reaches the framework untranslated (a pool used directly instead of
+through the store) gets the store's mapping all the same (409, 503 ...) and a warning.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlencode
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from edge.admin.http import Request, Response, error_body
-from edge.store.errors import Conflict, DatabaseUnavailable, Invalid, NotFound, StoreError
+from edge.store.errors import (
+    TRANSLATED,
+    Conflict,
+    DatabaseUnavailable,
+    Invalid,
+    NotFound,
+    StoreError,
+    translate,
+)
 
 if TYPE_CHECKING:
     from edge.admin.app import AdminContext
@@ -47,6 +62,8 @@ Auth = Literal["none", "admin", "register", "node"]
 
 DEFAULT_PER_PAGE = 100
 MAX_PER_PAGE = 1000
+MAX_PAGE = 1_000_000
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class Strict(BaseModel):
@@ -286,7 +303,7 @@ def validation_error(exc: ValidationError, where: str) -> ApiError:
     name = _field_name(loc)
     if kind == "json_invalid":
         return ApiError(400, "invalid_json", f"the {where} is not valid JSON: {first['msg']}")
-    if kind == "model_type" or (kind.endswith("_type") and not name):
+    if kind.endswith("_type") and not name:
         return ApiError(400, "invalid_body", f"the {where} must be a JSON object")
     if kind == "missing":
         return ApiError(400, "missing_field", f"{name} is required", field=name)
@@ -308,7 +325,7 @@ def _query_values(route: Route, request: Request) -> tuple[dict[str, str], PageR
         values[key] = value
     page, per_page = 1, DEFAULT_PER_PAGE
     if route.many:
-        page = _int_param(values.pop("page", "1"), "page", 1, 1_000_000)
+        page = _int_param(values.pop("page", "1"), "page", 1, MAX_PAGE)
         per_page = _int_param(
             values.pop("per_page", str(DEFAULT_PER_PAGE)), "per_page", 1, MAX_PER_PAGE
         )
@@ -316,7 +333,13 @@ def _query_values(route: Route, request: Request) -> tuple[dict[str, str], PageR
 
 
 def _int_param(text: str, name: str, low: int, high: int) -> int:
-    if not text.isdigit() or not low <= int(text) <= high:
+    # isdigit() alone admits "²" and digits of other scripts, which int() refuses; the
+    # length bound keeps int() off huge strings.
+    if (
+        not (text.isascii() and text.isdigit())
+        or len(text) > len(str(high))
+        or not low <= int(text) <= high
+    ):
         raise ApiError(
             400,
             "invalid_query",
@@ -338,20 +361,58 @@ def _parse_body(route: Route, request: Request) -> Any:
         raise ApiError(
             415, "unsupported_media_type", f"the body must be application/json, not {media}"
         )
+    # Parsed first on its own: NaN and Infinity are no JSON (RFC 8259) however lenient a
+    # parser may be, and a whole number written 8192.0 is, to JSON and to the document's
+    # "type: integer", the integer 8192 (strict validation alone would refuse it).
     try:
-        return route.body.model_validate_json(request.body)
+        data = pydantic_core.from_json(request.body, allow_inf_nan=False)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    try:
+        return route.body.model_validate_json(pydantic_core.to_json(_whole_numbers(data)))
     except ValidationError as exc:
         raise validation_error(exc, "body") from None
 
 
+# Floats up to here hold whole numbers exactly.
+_EXACT = 2**53
+
+
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            # 1e400 parses as infinity: no finite value could have been meant.
+            raise ApiError(400, "invalid_json", "the body holds a number too large for JSON")
+        return int(value) if value.is_integer() and abs(value) <= _EXACT else value
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
+
+
 def _dump(route: Route, data: Any) -> Any:
+    """JSON-ready data of an answer: through the route's response model when it has one,
+    so that the answer is exactly what the OpenAPI document promises (a dict, a dataclass or
+    a row from the store are all validated and serialised by it)."""
+    if route.many and isinstance(data, list | tuple):
+        return [_dump_one(route, item) for item in data]
+    return _dump_one(route, data)
+
+
+def _dump_one(route: Route, data: Any) -> Any:
+    if route.response is not None:
+        if not isinstance(data, route.response):
+            data = route.response.model_validate(data)
+        return data.model_dump(mode="json")
     if isinstance(data, BaseModel):
         return data.model_dump(mode="json")
-    if route.response is not None and not isinstance(data, dict | list | str | int | float):
-        return route.response.model_validate(data).model_dump(mode="json")
     if isinstance(data, list):
-        return [_dump(route, item) for item in data]
+        return [_dump_one(route, item) for item in data]
     return data
+
+
+_PATH_SAFE = "/%!$&'()*+,;=:@-._~"
 
 
 def _link_header(request: Request, page: PageRequest, total: int) -> str:
@@ -360,7 +421,9 @@ def _link_header(request: Request, page: PageRequest, total: int) -> str:
 
     def url(number: int) -> str:
         query = urlencode([*others, ("page", str(number)), ("per_page", str(page.per_page))])
-        return f"<{quote(request.raw_path)}?{query}>"
+        # raw_path is percent-encoded as the client sent it (h11 admits visible ASCII
+        # only), so "%" stays; what would end or break the <...> of a link is encoded.
+        return f"<{quote(request.raw_path, safe=_PATH_SAFE)}?{query}>"
 
     links = []
     if page.page < last:
@@ -419,12 +482,25 @@ async def dispatch(api: Api, ctx: AdminContext, request: Request) -> Response:
         response = exc.response()
     except StoreError as exc:
         response = _store_error(exc).response()
+    except TRANSLATED as exc:
+        # A database call that bypassed the store's translation (a pool used directly): the
+        # same answer as through the store, and a line that says where to fix it.
+        translated = translate(exc)
+        log.warning(
+            "admin API: %s %s: untranslated %s from the database (%s)",
+            request.method,
+            request.raw_path,
+            type(exc).__name__,
+            translated,
+        )
+        response = _store_error(translated).response()
     except Exception:
         log.exception("admin API: %s %s failed", request.method, request.raw_path)
         response = Response(500, error_body("internal", "internal server error"))
     ctx.observe(
         route.path if route else "unmatched",
-        request.method,
+        # Any token is a method to HTTP; only the known ones become label values.
+        request.method if request.method in _METHODS else "other",
         response.status,
         time.perf_counter() - started,
     )
@@ -482,18 +558,28 @@ def openapi(api: Api, *, version: str) -> dict[str, Any]:
     for route in api.routes:
         if route.body is not None:
             models.append((route.body, "validation"))
+        if route.query is not None:
+            models.append((route.query, "validation"))
         if route.response is not None:
             models.append((route.response, "serialization"))
+    # One generation for all models, so that two models of one name get distinct names
+    # and every $ref points into components.
     refs, top = models_json_schema(
         list(dict.fromkeys(models)), ref_template="#/components/schemas/{model}"
     )
+    schemas: dict[str, Any] = top.get("$defs", {})
     paths: dict[str, dict[str, Any]] = {}
+    operation_ids: set[str] = set()
     for route in api.routes:
+        operation_id = route.handler.__name__
+        if operation_id in operation_ids:
+            operation_id = f"{route.tag}_{operation_id}"
+        operation_ids.add(operation_id)
         operation: dict[str, Any] = {
-            "operationId": route.handler.__name__,
+            "operationId": operation_id,
             "summary": route.summary,
             "tags": [route.tag],
-            "parameters": _parameters(route),
+            "parameters": _parameters(route, refs, schemas),
             "responses": _responses(route, refs),
         }
         if route.auth == "none":
@@ -504,6 +590,12 @@ def openapi(api: Api, *, version: str) -> dict[str, Any]:
                 "content": {"application/json": {"schema": refs[(route.body, "validation")]}},
             }
         paths.setdefault(route.path, {})[route.method.lower()] = operation
+    # Query models are flattened into parameters; their own entries would only be noise
+    # (unless a body or an answer refers to the same model).
+    bodies = {r.body for r in api.routes} | {r.response for r in api.routes}
+    for route in api.routes:
+        if route.query is not None and route.query not in bodies:
+            schemas.pop(_ref_name(refs[(route.query, "validation")]), None)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -513,16 +605,43 @@ def openapi(api: Api, *, version: str) -> dict[str, Any]:
         },
         "paths": paths,
         "components": {
-            "schemas": top.get("$defs", {}),
+            "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],
     }
 
 
-def _parameters(route: Route) -> list[dict[str, Any]]:
+def _ref_name(ref: dict[str, Any]) -> str:
+    return str(ref["$ref"]).rpartition("/")[2]
+
+
+def _query_schema(prop: dict[str, Any]) -> dict[str, Any]:
+    """A query field's schema as a parameter's: an optional parameter is one left out, never
+    a null (which a query string cannot say)."""
+    bare = {k: v for k, v in prop.items() if k != "title"}
+    options = bare.pop("anyOf", None)
+    if options is not None:
+        kept = [o for o in options if o.get("type") != "null"]
+        if len(kept) == 1:
+            bare.update(kept[0])
+        else:
+            bare["anyOf"] = kept
+    if bare.get("default", 0) is None:
+        del bare["default"]
+    return bare
+
+
+def _parameters(
+    route: Route, refs: dict[Any, Any], schemas: dict[str, Any]
+) -> list[dict[str, Any]]:
     parameters: list[dict[str, Any]] = [
-        {"name": s[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+        {
+            "name": s[1:-1],
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "minLength": 1},
+        }
         for s in route.segments
         if s.startswith("{")
     ]
@@ -531,7 +650,7 @@ def _parameters(route: Route) -> list[dict[str, Any]]:
             {
                 "name": "page",
                 "in": "query",
-                "schema": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+                "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
             },
             {
                 "name": "per_page",
@@ -540,12 +659,16 @@ def _parameters(route: Route) -> list[dict[str, Any]]:
             },
         ]
     if route.query is not None:
-        schema = route.query.model_json_schema()
+        schema = schemas[_ref_name(refs[(route.query, "validation")])]
         required = set(schema.get("required", ()))
         for name, prop in schema.get("properties", {}).items():
-            bare = {k: v for k, v in prop.items() if k != "title"}
             parameters.append(
-                {"name": name, "in": "query", "required": name in required, "schema": bare}
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": name in required,
+                    "schema": _query_schema(prop),
+                }
             )
     return parameters
 
@@ -555,19 +678,32 @@ def _responses(route: Route, refs: dict[Any, Any]) -> dict[str, Any]:
     responses: dict[str, Any] = {}
     if route.response is not None:
         schema = refs[(route.response, "serialization")]
+        success: dict[str, Any] = {"description": _STATUS_TEXT.get(route.status, "OK")}
         if route.many:
             schema = {"type": "array", "items": schema}
-        responses[str(route.status)] = {
-            "description": _STATUS_TEXT.get(route.status, "OK"),
-            "content": {route.content_type: {"schema": schema}},
-        }
+            success["headers"] = {
+                "X-Total-Count": {
+                    "description": "Length of the whole list",
+                    "required": True,
+                    "schema": {"type": "integer", "minimum": 0},
+                },
+                "Link": {
+                    "description": 'Pages of the list: rel="next", "prev", "first", "last"',
+                    "required": True,
+                    "schema": {"type": "string"},
+                },
+            }
+        success["content"] = {route.content_type: {"schema": schema}}
+        responses[str(route.status)] = success
     elif route.content_type != "application/json":
         responses[str(route.status)] = {
             "description": "OK",
             "content": {route.content_type: {"schema": {"type": "string"}}},
         }
     else:
-        responses["204"] = {"description": _STATUS_TEXT[204]}
+        # An answer of nothing is 204, or the route's own status with an empty body.
+        status = 204 if route.status == 200 else route.status
+        responses[str(status)] = {"description": _STATUS_TEXT.get(status, "OK")}
     codes = {400, *route.errors}
     if route.auth != "none":
         codes |= {401, 403}
@@ -576,5 +712,17 @@ def _responses(route: Route, refs: dict[Any, Any]) -> dict[str, Any]:
     if route.auth != "none" or route.errors:
         codes.add(503)
     for code in sorted(codes):
-        responses[str(code)] = {"description": _STATUS_TEXT.get(code, "Error"), **error}
+        answer: dict[str, Any] = {"description": _STATUS_TEXT.get(code, "Error"), **error}
+        if code == 401 and route.auth != "none":
+            answer["headers"] = {
+                "WWW-Authenticate": {"required": True, "schema": {"type": "string"}}
+            }
+        elif code == 503:
+            answer["headers"] = {
+                "Retry-After": {
+                    "description": "Seconds to wait before trying again",
+                    "schema": {"type": "integer"},
+                }
+            }
+        responses[str(code)] = answer
     return responses

@@ -14,7 +14,7 @@ with the client address, the method and the path (never the token).
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import hashlib
 import hmac
 import logging
@@ -74,23 +74,38 @@ def _same_id(text: str | None, principal: Principal) -> bool:
 
 
 def load_admin_token(configured: str | None, token_file: Path) -> tuple[str, str]:
-    """The admin token and where it came from; generated into ``token_file`` when neither
-    configured nor there yet."""
-    if configured:
-        return configured, "configuration"
-    with contextlib.suppress(FileNotFoundError):
-        token = token_file.read_text().strip()
-        if token:
-            return token, str(token_file)
-    token = ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    """The admin token and where it came from.
+
+    A configured token wins. Otherwise the token in ``token_file``; when the file is
+    missing, or empty (a truncated file holds no token, and an empty token would let no
+    one in), a new token is generated into it with mode 0600. The file is read and written
+    under an exclusive lock, so edges starting at once on one data directory agree on one
+    token.
+    """
+    if configured and configured.strip():
+        return configured.strip(), "configuration"
     token_file.parent.mkdir(parents=True, exist_ok=True)
-    # O_EXCL: two edges starting at once on one data directory keep the same token.
-    try:
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return load_admin_token(None, token_file)
-    with os.fdopen(fd, "w") as out:
-        out.write(token + "\n")
+    fd = os.open(token_file, os.O_RDWR | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "r+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        token = handle.read().strip()
+        if token:
+            mode = os.fstat(handle.fileno()).st_mode
+            if mode & 0o077:
+                log.warning(
+                    "the admin token file %s is readable by others (mode %o); chmod 600 it",
+                    token_file,
+                    mode & 0o777,
+                )
+            return token, str(token_file)
+        token = ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        # The file may predate this (empty, with a loose mode): tighten before writing.
+        os.fchmod(handle.fileno(), 0o600)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(token + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     log.warning("generated an admin token: it is in %s (readable by this user only)", token_file)
     return token, f"{token_file} (generated)"
 
@@ -135,7 +150,8 @@ class Authenticator:
         if self._bootstrap is not None and hmac.compare_digest(given, self._bootstrap):
             return Principal("bootstrap")
         node_id = _node_id_of(token)
-        if node_id is not None:
+        # Without a database (an edge on a routes file) there are no nodes to know.
+        if node_id is not None and self.pool is not None:
             try:
                 node = await nodes.get(self.pool, node_id)
             except NotFound:
