@@ -189,6 +189,12 @@ class Route:
     audit: bool
     content_type: str
     segments: tuple[str, ...] = ()
+    # Other statuses a handler answers with a body of its own (not the error body), by Reply.
+    answers: tuple[tuple[int, type[BaseModel]], ...] = ()
+    # Request headers the route reads, for the document: (name, required, description).
+    headers: tuple[tuple[str, bool, str], ...] = ()
+    # For the document only: the body of a route that reads it raw (``body`` is None).
+    raw_body: dict[str, Any] | None = None
 
     def match(self, segments: Sequence[str]) -> dict[str, str] | None:
         if len(segments) != len(self.segments):
@@ -231,6 +237,9 @@ class Api:
         errors: tuple[int, ...] = (),
         audit: bool | None = None,
         content_type: str = "application/json",
+        answers: tuple[tuple[int, type[BaseModel]], ...] = (),
+        headers: tuple[tuple[str, bool, str], ...] = (),
+        raw_body: dict[str, Any] | None = None,
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             self.routes.append(
@@ -251,6 +260,9 @@ class Api:
                     audit=(method != "GET" and auth == "admin") if audit is None else audit,
                     content_type=content_type,
                     segments=tuple(path.split("/")[1:]),
+                    answers=answers,
+                    headers=headers,
+                    raw_body=raw_body,
                 )
             )
             return handler
@@ -562,6 +574,7 @@ def openapi(api: Api, *, version: str) -> dict[str, Any]:
             models.append((route.query, "validation"))
         if route.response is not None:
             models.append((route.response, "serialization"))
+        models.extend((model, "serialization") for _, model in route.answers)
     # One generation for all models, so that two models of one name get distinct names
     # and every $ref points into components.
     refs, top = models_json_schema(
@@ -588,6 +601,11 @@ def openapi(api: Api, *, version: str) -> dict[str, Any]:
             operation["requestBody"] = {
                 "required": route.body_required,
                 "content": {"application/json": {"schema": refs[(route.body, "validation")]}},
+            }
+        elif route.raw_body is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": route.raw_body}},
             }
         paths.setdefault(route.path, {})[route.method.lower()] = operation
     # Query models are flattened into parameters; their own entries would only be noise
@@ -644,6 +662,16 @@ def _parameters(
         }
         for s in route.segments
         if s.startswith("{")
+    ]
+    parameters += [
+        {
+            "name": name,
+            "in": "header",
+            "required": required,
+            "description": description,
+            "schema": {"type": "string", "minLength": 1},
+        }
+        for name, required, description in route.headers
     ]
     if route.many:
         parameters += [
@@ -725,4 +753,9 @@ def _responses(route: Route, refs: dict[Any, Any]) -> dict[str, Any]:
                 }
             }
         responses[str(code)] = answer
+    for code, model in route.answers:
+        responses[str(code)] = {
+            "description": f"{code} with a {model.__name__} body",
+            "content": {"application/json": {"schema": refs[(model, "serialization")]}},
+        }
     return responses

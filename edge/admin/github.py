@@ -457,6 +457,27 @@ async def _handle(
     response=EventAnswer,
     status=202,
     errors=(401,),
+    # A repeated delivery: answered, nothing done.
+    answers=((200, EventAnswer),),
+    headers=(
+        ("X-Hub-Signature-256", True, "sha256=<HMAC-SHA256 of the body with the secret>"),
+        ("X-GitHub-Event", True, "the event's name (push, ping ...)"),
+        ("X-GitHub-Delivery", True, "the delivery's id; a repeated one is ignored"),
+    ),
+    # Read raw: the signature covers the bytes as sent.
+    raw_body={
+        "type": "object",
+        "required": ["repository"],
+        "properties": {
+            "repository": {
+                "type": "object",
+                "required": ["full_name"],
+                "properties": {"full_name": {"type": "string"}},
+            },
+            "ref": {"type": "string"},
+            "after": {"type": "string"},
+        },
+    },
 )
 async def receive_event(call: Call) -> Reply | EventAnswer:
     request = call.request

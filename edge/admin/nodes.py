@@ -14,6 +14,7 @@ from pydantic import Field
 
 from edge.admin.api import Api, ApiError, Call, Out, Page, QueryModel, Strict, not_found
 from edge.admin.auth import hash_token, new_node_token
+from edge.admin.regions import REGION_CODE
 from edge.store import instances, nodes, regions
 from edge.store.errors import NotFound
 
@@ -64,7 +65,7 @@ class NodeDetail(NodeOut):
 
 class NodeRegistration(Strict):
     hostname: str = Field(pattern=HOSTNAME, max_length=253)
-    region: str = Field(min_length=1, max_length=32)
+    region: str = Field(pattern=REGION_CODE, description="the code of an existing region")
     address: str = Field(
         min_length=1, max_length=255, description="where the edge reaches the node's instances"
     )
@@ -153,9 +154,7 @@ async def register_node(call: Call) -> RegisteredNode:
             memory_mb=body.memory,
         )
         token = new_node_token(node.id)
-        await conn.execute(
-            "UPDATE nodes SET token_hash = $2 WHERE id = $1", node.id, hash_token(token)
-        )
+        await nodes.set_token_hash(conn, node.id, hash_token(token))
     usage = await nodes.get_usage(pool, node.id)
     return RegisteredNode.model_validate({**node_out(usage), "token": token})
 
@@ -203,11 +202,12 @@ async def drain_node(call: Call) -> dict[str, object]:
 async def delete_node(call: Call) -> None:
     pool = call.ctx.pool
     usage = await nodes.get_usage(pool, node_id(call))
-    if usage.instances:
+    if usage.instances or not await nodes.delete_idle(pool, usage.node.id):
+        # Checked again in the delete itself: an instance may have been placed meanwhile.
+        count = usage.instances or (await nodes.get_usage(pool, usage.node.id)).instances
         raise ApiError(
             409,
             "conflict",
-            f"node {usage.node.hostname} still runs {usage.instances} instance(s); drain it "
+            f"node {usage.node.hostname} still runs {count} instance(s); drain it "
             "first (POST /api/v1/nodes/{id}/drain) and wait until it runs none",
         )
-    await nodes.delete(pool, usage.node.id)

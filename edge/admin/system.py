@@ -61,7 +61,7 @@ async def check_database(call: Call) -> DatabaseHealth:
     summary="Health of this edge",
     tag="system",
     response=Health,
-    errors=(503,),
+    answers=((503, Health),),
 )
 async def get_health(call: Call) -> Reply:
     database = await check_database(call)

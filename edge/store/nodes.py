@@ -204,3 +204,21 @@ async def check_in(
     if node is None:
         raise NotFound(f"node {node_id} does not exist", field="id")
     return node
+
+
+async def set_token_hash(db: Executor, node_id: UUID, token_hash: str) -> None:
+    if not await execute(db, "UPDATE nodes SET token_hash = $2 WHERE id = $1", node_id, token_hash):
+        raise NotFound(f"node {node_id} does not exist", field="id")
+
+
+async def delete_idle(db: Executor, node_id: UUID) -> bool:
+    """Delete the node unless it has live instances (not stopped or failed), in one
+    statement, so an instance placed meanwhile is never orphaned; whether it was deleted."""
+    return bool(
+        await execute(
+            db,
+            "DELETE FROM nodes WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM instances"
+            " WHERE node_id = $1 AND state NOT IN ('stopped', 'failed'))",
+            node_id,
+        )
+    )
