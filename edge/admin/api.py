@@ -370,8 +370,12 @@ def _parse_body(route: Route, request: Request) -> Any:
         return None
     media = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if media.lower() not in ("application/json", "") and not media.lower().endswith("+json"):
+        # curl -d sends form encoding unless told otherwise: the usual slip, so say the fix.
         raise ApiError(
-            415, "unsupported_media_type", f"the body must be application/json, not {media}"
+            415,
+            "unsupported_media_type",
+            f"the body must be application/json, not {media}"
+            " (with curl: -H 'Content-Type: application/json')",
         )
     # Parsed first on its own: NaN and Infinity are no JSON (RFC 8259) however lenient a
     # parser may be, and a whole number written 8192.0 is, to JSON and to the document's

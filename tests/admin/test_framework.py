@@ -214,6 +214,8 @@ async def test_body_of_another_content_type_is_415(admin: AdminClient, media: st
     )
     assert response.status == 415
     assert error_of(response)["code"] == "unsupported_media_type"
+    # curl -d without a Content-Type is the usual cause: the message says the fix.
+    assert "-H 'Content-Type: application/json'" in error_of(response)["message"]
 
 
 @pytest.mark.asyncio
