@@ -33,6 +33,7 @@ from typing import Any
 
 import uvloop
 
+from edge import metrics
 from edge.config import EdgeConfig
 from edge.leader import LeaderLock
 from edge.live_routes import LiveRoutes, PostgresRouteProvider
@@ -62,19 +63,26 @@ def setup_logging(level: str) -> None:
 
 
 def worker_main(
-    config: EdgeConfig, index: int, log_level: str, installed: MutableSequence[float]
+    config: EdgeConfig,
+    index: int,
+    log_level: str,
+    installed: MutableSequence[float],
+    metrics_block: MutableSequence[float],
 ) -> None:
     """Entry point of a worker process; ``installed[index]`` gets the wall-clock time of
-    each routing table install."""
+    each routing table install, ``metrics_block`` its counts (:mod:`edge.metrics`)."""
     setup_logging(log_level)
     # Ctrl-C reaches the whole process group; only the master decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    code = uvloop.run(_serve_worker(config, index, installed))
+    code = uvloop.run(_serve_worker(config, index, installed, metrics_block))
     sys.exit(code)
 
 
 async def _serve_worker(
-    config: EdgeConfig, index: int, installed: MutableSequence[float] | None = None
+    config: EdgeConfig,
+    index: int,
+    installed: MutableSequence[float] | None = None,
+    metrics_block: MutableSequence[float] | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -84,6 +92,7 @@ async def _serve_worker(
     if config.database_url:
         provider = PostgresRouteProvider(config.database_url, config.apps_domain)
         worker = ProxyWorker(config, provider)
+        worker.metrics_block = metrics_block
         _stamp_installs(worker, index, installed)
         live = LiveRoutes(
             worker,
@@ -103,6 +112,7 @@ async def _serve_worker(
         assert config.routes_path is not None
         provider = FileRouteProvider(config.routes_path)
         worker = ProxyWorker(config, provider)
+        worker.metrics_block = metrics_block
         _stamp_installs(worker, index, installed)
 
         def reload() -> object:
@@ -181,6 +191,11 @@ class Master:
         self._embedded: EmbeddedPostgres | None = None
         # Wall-clock time of each worker's last routing table install (0: none yet).
         self._installed: MutableSequence[float] = self._ctx.Array("d", config.workers, lock=False)
+        # Each worker's metric counts, and what workers that died had counted.
+        self._metric_blocks: list[MutableSequence[float]] = [
+            self._ctx.Array("d", metrics.SIZE, lock=False) for _ in range(config.workers)
+        ]
+        self._retired_metrics = [0.0] * metrics.SIZE
         self._admin: Any = None
         self._pool: Any = None
         self._leader: LeaderLock | None = None
@@ -275,6 +290,7 @@ class Master:
                 region=self.config.region,
             ),
             routing_age=self.routing_age,
+            collectors=(metrics.ProxyCollector(self._metric_blocks, self._retired_metrics),),
             is_leader=(lambda: leader.is_leader) if leader is not None else (lambda: False),
         )
         if dsn:
@@ -361,9 +377,17 @@ class Master:
             self._spawn(index)
 
     def _spawn(self, index: int) -> None:
+        # A successor starts counting from zero; its predecessor's counts stay in the sums.
+        metrics.retire(self._metric_blocks[index], self._retired_metrics)
         proc = self._ctx.Process(
             target=worker_main,
-            args=(self.config, index, self.log_level, self._installed),
+            args=(
+                self.config,
+                index,
+                self.log_level,
+                self._installed,
+                self._metric_blocks[index],
+            ),
             name=f"zeitwork-edge-worker-{index}",
         )
         proc.start()

@@ -73,6 +73,25 @@ class AdminMetrics:
         self.leader = Gauge(
             "zeitwork_leader", "1 while this edge holds the leader lock.", registry=self.registry
         )
+        self.deployments = Gauge(
+            "zeitwork_deployments", "Deployments by status.", ["status"], registry=self.registry
+        )
+        self.instances = Gauge(
+            "zeitwork_instances", "Instances by state.", ["state"], registry=self.registry
+        )
+        self.nodes = Gauge("zeitwork_nodes", "Nodes by state.", ["state"], registry=self.registry)
+        self.deployment_success = Gauge(
+            "zeitwork_deployment_success_ratio",
+            "Share of the deployments finished in the last day that became healthy"
+            " (1 when none finished).",
+            registry=self.registry,
+        )
+        self.deployment_duration = Gauge(
+            "zeitwork_deployment_duration_seconds",
+            "Creation to healthy of the deployments that became healthy in the last day.",
+            ["quantile"],
+            registry=self.registry,
+        )
         info = Gauge(
             "zeitwork_build_info",
             "Version of the running edge.",
@@ -99,6 +118,12 @@ class AdminContext:
     routing_age: Callable[[], float | None] = _no_age
     is_leader: Callable[[], bool] = _not_leader
     metrics: AdminMetrics = field(default_factory=AdminMetrics)
+    # More metrics in the same scrape (the proxy workers' counts).
+    collectors: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        for collector in self.collectors:
+            self.metrics.registry.register(collector)
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.metrics.requests.labels(route, method, str(status)).inc()

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import logging
 import time
 from typing import Any, Literal
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edge.admin.api import Api, Call, Out, Reply, openapi
+from edge.store import analytics, deployments, instances, nodes
+from edge.store.errors import StoreError
 
 api = Api()
+log = logging.getLogger("edge.admin")
 
 # A database that takes longer than this to answer SELECT 1 counts as down for /health.
 DATABASE_CHECK_TIMEOUT = 2.0
@@ -98,12 +103,39 @@ async def get_health(call: Call) -> Reply:
     content_type=CONTENT_TYPE_LATEST,
 )
 async def get_metrics(call: Call) -> bytes:
-    await check_database(call)
+    database = await check_database(call)
+    if database.status == "up":
+        await _platform_gauges(call)
     age = call.ctx.routing_age()
     if age is not None:
         call.ctx.metrics.routing_table_age.set(age)
     call.ctx.metrics.leader.set(1 if call.ctx.is_leader() else 0)
     return generate_latest(call.ctx.metrics.registry)
+
+
+async def _platform_gauges(call: Call) -> None:
+    """The operator's view of the platform, read at each scrape (a failure here must not
+    cost the scrape: the edge's own figures still matter most when the database is sick)."""
+    metrics = call.ctx.metrics
+    try:
+        gauges = await analytics.platform_gauges(call.ctx.pool)
+    except StoreError as exc:
+        log.warning("metrics: platform gauges not read: %s", exc)
+        return
+    for status in deployments.STATUSES:
+        metrics.deployments.labels(status).set(gauges.deployments.get(status, 0))
+    for state in sorted(instances.INSTANCE_STATES):
+        metrics.instances.labels(state).set(gauges.instances.get(state, 0))
+    for state in sorted(nodes.NODE_STATES):
+        metrics.nodes.labels(state).set(gauges.nodes.get(state, 0))
+    # Nothing finished is no failure: the ratio alert must stay quiet on an idle platform.
+    metrics.deployment_success.set(1.0 if gauges.success_ratio is None else gauges.success_ratio)
+    for quantile, value in (("0.5", gauges.duration_p50), ("0.95", gauges.duration_p95)):
+        if value is not None:
+            metrics.deployment_duration.labels(quantile).set(value)
+        else:  # no deployment became healthy in the last day: no figure, rather than 0 s
+            with contextlib.suppress(KeyError):
+                metrics.deployment_duration.remove(quantile)
 
 
 @functools.cache

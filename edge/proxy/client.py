@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from time import perf_counter as _clock
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -91,6 +92,9 @@ class Exchange:
         "request_done",
         "request_id",
         "route",
+        "sent_at",
+        "started",
+        "status",
         "upgrade",
         "upstream",
         "version_11",
@@ -116,6 +120,11 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self.request_id = b""
         self.attempts = 0
+        # For the metrics: the response's status, when the request began and when it was
+        # last sent to an instance (monotonic seconds).
+        self.status = 0
+        self.started = _clock()
+        self.sent_at = 0.0
 
 
 class ClientConnection(asyncio.Protocol):
@@ -512,6 +521,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _dispatch(self, ex: Exchange, pool: UpstreamPool) -> None:
         ex.attempts += 1
+        ex.sent_at = _clock()
         conn = pool.acquire()
         if conn is not None:
             conn.attach(self, ex)
@@ -528,6 +538,7 @@ class ClientConnection(asyncio.Protocol):
             and self.transport is not None
         ):
             pool = ex.route.pick(self.worker.now, failed)
+            self.worker.metrics.retries += 1
             if ex.head_sent:
                 ex.out.insert(0, ex.head)
                 ex.head_sent = False
@@ -561,6 +572,8 @@ class ClientConnection(asyncio.Protocol):
 
     def response_done(self, ex: Exchange) -> None:
         ex.finished = True
+        if ex.status:
+            self.worker.metrics.request_done(ex.status, _clock() - ex.started)
         if self.active is ex:
             self.active = None
         if self.transport is None:
@@ -602,6 +615,7 @@ class ClientConnection(asyncio.Protocol):
             )
         )
         ex.keep_alive = not close
+        ex.status = error.status
         self.response_done(ex)
 
     def _reject(self, error: RequestRejected) -> None:

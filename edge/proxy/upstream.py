@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from time import perf_counter as _clock
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from edge import metrics
 from edge.proxy.http import HOP_BY_HOP, VIA_TOKEN, connection_options, drop_fields
 
 if TYPE_CHECKING:
@@ -133,7 +135,9 @@ class UpstreamPool:
         except (OSError, TimeoutError) as exc:
             self.busy -= 1
             self.eject(worker.now)
-            kind = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            timed_out = isinstance(exc, TimeoutError)
+            worker.metrics.upstream_error(metrics.CONNECT_TIMEOUT if timed_out else metrics.CONNECT)
+            kind = "timeout" if timed_out else (exc.strerror or str(exc))
             client.upstream_connect_failed(ex, self, kind)
             return
         conn.connecting = False
@@ -242,9 +246,11 @@ class UpstreamConnection(asyncio.Protocol):
             client.response_done(ex)
         elif started:
             # Died mid-body: closing the client is the only honest signal left.
+            self.worker.metrics.upstream_error(metrics.RESET)
             self._flush_to(client)
             client.abort("upstream closed mid-response")
         else:
+            self.worker.metrics.upstream_error(metrics.RESET)
             client.upstream_lost(ex, self.pool, retryable=self.reused and not self.got_bytes)
 
     def eof_received(self) -> bool | None:
@@ -356,6 +362,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self.out.append(b"".join(parts))
             return
         self.keep_alive = self.parser.should_keep_alive()
+        ex.status = status
+        self.worker.metrics.upstream_answered(_clock() - ex.sent_at)
         parts, upgrade = self._copy_headers(status)
         if status == 101:
             # httptools reports the message complete, then raises HttpParserUpgrade with the
@@ -484,6 +492,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _bad_response(self, why: str) -> None:
         ex, client = self.ex, self.client
         log.warning("upstream %s: %s", self.pool.address, why)
+        self.worker.metrics.upstream_error(metrics.PROTOCOL)
         self.ex = None
         self.client = None
         if ex is not None:
@@ -510,6 +519,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.busy -= 1
         if not self.tunnel:
             self.pool.eject(self.worker.now)
+            self.worker.metrics.upstream_error(metrics.TIMEOUT)
         self._abandon()
         if self.tunnel:
             client.close()

@@ -14,11 +14,12 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from email.utils import formatdate
 from random import random
 
 from edge.config import EdgeConfig
+from edge.metrics import ProxyMetrics
 from edge.proxy.client import ClientConnection
 from edge.proxy.upstream import UpstreamConnection, UpstreamPool
 from edge.routing import Address, RouteProvider, RoutesError, RoutingTable
@@ -109,6 +110,9 @@ class ProxyWorker:
         self.on_install: Callable[[], None] | None = None
         self.clients: set[ClientConnection] = set()
         self.upstreams: set[UpstreamConnection] = set()
+        self.metrics = ProxyMetrics()
+        # The shared block the master reads the counts from (None: nobody reads them).
+        self.metrics_block: MutableSequence[float] | None = None
         self.shutting_down = False
         self._trusted = config.trusted_proxies
         self._trusted_cache: dict[str, bool] = {}
@@ -202,10 +206,15 @@ class ProxyWorker:
             if second != last_date:
                 last_date = second
                 self.date = formatdate(usegmt=True).encode()
+                self.publish_metrics()
             for client in [c for c in self.clients if c.deadline < now]:
                 client.on_timeout()
             for upstream in [u for u in self.upstreams if u.deadline < now]:
                 upstream.on_timeout()
+
+    def publish_metrics(self) -> None:
+        if self.metrics_block is not None:
+            self.metrics.publish(self.metrics_block, len(self.clients), len(self.routes))
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish (up to ``grace`` s), then close."""
@@ -233,6 +242,7 @@ class ProxyWorker:
             await self._server.wait_closed()
         # Let transports run their connection_lost callbacks.
         await asyncio.sleep(0)
+        self.publish_metrics()
 
 
 def listen_socket(host: str, port: int, backlog: int) -> socket.socket:

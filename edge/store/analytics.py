@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 
+from edge.store.errors import translated
 from edge.store.query import Executor, fetch_all, fetch_value
 
 
@@ -181,4 +182,44 @@ async def resources_by_org(db: Executor) -> list[OrgResources]:
         " LEFT JOIN instances i ON i.deployment_id = d.id"
         " AND i.state NOT IN ('stopped', 'failed')"
         " GROUP BY GROUPING SETS ((p.org), ()) ORDER BY GROUPING(p.org), p.org",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformGauges:
+    """What the operator's metrics report of the platform's state at a scrape."""
+
+    deployments: dict[str, int]
+    instances: dict[str, int]
+    nodes: dict[str, int]
+    # Of the deployments finished (became healthy, or failed) in the last day; None: none.
+    success_ratio: float | None
+    # Creation to healthy, of the deployments that became healthy in the last day.
+    duration_p50: float | None
+    duration_p95: float | None
+
+
+async def platform_gauges(db: Executor) -> PlatformGauges:
+    with translated():
+        deployments = await db.fetch("SELECT status, count(*) AS n FROM deployments GROUP BY 1")
+        instances = await db.fetch("SELECT state, count(*) AS n FROM instances GROUP BY 1")
+        nodes = await db.fetch("SELECT state, count(*) AS n FROM nodes GROUP BY 1")
+        day = await db.fetchrow(
+            "SELECT count(*) FILTER (WHERE healthy_at IS NOT NULL) AS succeeded,"
+            " count(*) FILTER (WHERE failed_at IS NOT NULL AND healthy_at IS NULL) AS failed,"
+            " percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM"
+            "   healthy_at - created_at)) AS p50,"
+            " percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM"
+            "   healthy_at - created_at)) AS p95"
+            " FROM deployments WHERE coalesce(healthy_at, failed_at) > now() - interval '1 day'"
+        )
+    assert day is not None
+    finished = day["succeeded"] + day["failed"]
+    return PlatformGauges(
+        deployments={r["status"]: r["n"] for r in deployments},
+        instances={r["state"]: r["n"] for r in instances},
+        nodes={r["state"]: r["n"] for r in nodes},
+        success_ratio=day["succeeded"] / finished if finished else None,
+        duration_p50=None if day["p50"] is None else float(day["p50"]),
+        duration_p95=None if day["p95"] is None else float(day["p95"]),
     )

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +25,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import HOST, free_port
 
@@ -548,3 +550,56 @@ def test_unreadable_json_exits_2_naming_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert str(path) in err
     assert "line 3" in err
+
+
+def _requests_counted(admin_port: int) -> tuple[float, set[str]]:
+    """http_requests_total{status="200"} in a scrape of the admin port, and the names."""
+    with urllib.request.urlopen(f"http://{HOST}:{admin_port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    families = list(text_string_to_metric_families(text))
+    count = sum(
+        s.value
+        for f in families
+        for s in f.samples
+        if s.name == "http_requests_total" and s.labels.get("status") == "200"
+    )
+    return count, {f.name for f in families}
+
+
+def test_one_scrape_counts_every_worker(
+    edge: StartEdge, upstream: ThreadUpstream, tmp_path: Path
+) -> None:
+    admin_port = free_port()
+    process = edge(
+        {"app.example.com": [upstream.address]},
+        "--admin-port",
+        str(admin_port),
+        "--admin-host",
+        HOST,
+        "--data-dir",
+        str(tmp_path / "data"),
+        workers=2,
+    )
+    prefixes = set()
+    for _ in range(40):
+        reply = fetch_new(process.port, "app.example.com")
+        assert reply.status == 200
+        prefixes.add(reply.json()["request_id"][:20])
+    assert len(prefixes) == 2, "the requests did not reach both workers"
+    # Workers publish their counts once a second.
+    wait_for(lambda: _requests_counted(admin_port)[0] == 40, 5, "40 requests in the scrape")
+    _, names = _requests_counted(admin_port)
+    assert {"http_request_duration_seconds", "zeitwork_upstream_duration_seconds"} <= names
+    # A worker dies: what it counted stays in the sum, which never goes back.
+    first = process.worker_pids()
+    os.kill(first[0], signal.SIGKILL)
+    wait_for(
+        lambda: len(process.worker_pids()) == 2 and first[0] not in process.worker_pids(),
+        10,
+        "the killed worker to be replaced",
+    )
+    process.wait_serving(count=3)
+    assert _requests_counted(admin_port)[0] == 40
+    for _ in range(10):
+        assert fetch_new(process.port, "app.example.com").status == 200
+    wait_for(lambda: _requests_counted(admin_port)[0] == 50, 5, "50 requests in the scrape")
