@@ -83,7 +83,7 @@ class AdminMetrics:
         self.deployment_success = Gauge(
             "zeitwork_deployment_success_ratio",
             "Share of the deployments finished in the last day that became healthy"
-            " (1 when none finished).",
+            " (1 when none finished; NaN on an edge that is not the leader).",
             registry=self.registry,
         )
         self.deployment_duration = Gauge(

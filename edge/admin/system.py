@@ -107,8 +107,8 @@ async def get_metrics(call: Call) -> bytes:
     if database.status == "up":
         await _platform_gauges(call)
     age = call.ctx.routing_age()
-    if age is not None:
-        call.ctx.metrics.routing_table_age.set(age)
+    # No table at all is the stalest there is (+Inf, so that a staleness alert fires).
+    call.ctx.metrics.routing_table_age.set(float("inf") if age is None else age)
     call.ctx.metrics.leader.set(1 if call.ctx.is_leader() else 0)
     return generate_latest(call.ctx.metrics.registry)
 
@@ -117,6 +117,14 @@ async def _platform_gauges(call: Call) -> None:
     """The operator's view of the platform, read at each scrape (a failure here must not
     cost the scrape: the edge's own figures still matter most when the database is sick)."""
     metrics = call.ctx.metrics
+    if not call.ctx.is_leader():
+        # Platform-wide figures come from the leader only, so that an alert on them fires
+        # once, not once per edge.
+        for family in (metrics.deployments, metrics.instances, metrics.nodes):
+            family.clear()
+        metrics.deployment_duration.clear()
+        metrics.deployment_success.set(float("nan"))
+        return
     try:
         gauges = await analytics.platform_gauges(call.ctx.pool)
     except StoreError as exc:

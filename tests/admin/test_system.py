@@ -51,3 +51,29 @@ async def test_metrics_need_no_token_and_carry_the_admin_figures(admin: AdminCli
         in text
     )
     assert 'zeitwork_build_info{version="' in text
+
+
+@pytest.mark.asyncio
+async def test_platform_gauges_come_from_the_leader_only(admin: AdminClient) -> None:
+    await admin.ok("POST", "/api/v1/regions", {"code": "eu", "name": "EU", "country": "DE"}, 201)
+    node = {"region": "eu", "address": "10.0.0.1", "vcpu": 2, "memory": 1024}
+    await admin.ok("POST", "/api/v1/nodes", {"hostname": "a", **node}, 201)
+    down = await admin.ok("POST", "/api/v1/nodes", {"hostname": "b", **node}, 201)
+    await admin.pool.execute("UPDATE nodes SET state = 'down' WHERE id = $1", down["id"])
+    admin.ctx.is_leader = lambda: True
+    text = (await admin.call("GET", "/metrics", token=NO_TOKEN)).body.decode()
+    assert 'zeitwork_nodes{state="down"} 1.0' in text
+    assert 'zeitwork_nodes{state="ready"} 1.0' in text
+    assert 'zeitwork_deployments{status="pending"} 0.0' in text
+    assert "zeitwork_deployment_success_ratio 1.0" in text  # nothing finished: no failure
+    admin.ctx.is_leader = lambda: False
+    text = (await admin.call("GET", "/metrics", token=NO_TOKEN)).body.decode()
+    assert "zeitwork_nodes{" not in text
+    assert "zeitwork_deployment_success_ratio NaN" in text
+
+
+@pytest.mark.asyncio
+async def test_no_routing_table_is_an_infinite_age(admin: AdminClient) -> None:
+    admin.ctx.routing_age = lambda: None
+    text = (await admin.call("GET", "/metrics", token=NO_TOKEN)).body.decode()
+    assert "zeitwork_routing_table_age_seconds +Inf" in text
