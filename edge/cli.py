@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
 from edge import __version__
 from edge.config import ConfigError, EdgeConfig, ProxyLimits, parse_networks
+from edge.ratelimit import RateLimit
 from edge.routing import FileRouteProvider, RoutesError
 
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -32,6 +34,19 @@ def seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
     return value
+
+
+def rate_limit(text: str) -> RateLimit:
+    """``RATE`` or ``RATE/BURST`` (requests per second; the burst defaults to the rate)."""
+    rate_text, _, burst_text = text.partition("/")
+    try:
+        rate = float(rate_text)
+        burst = int(burst_text) if burst_text else max(1, math.ceil(rate))
+        return RateLimit(rate, burst)
+    except (ValueError, OverflowError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rate limit like 50 or 50/100 (requests per second/burst): {exc}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +113,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="peer whose X-Forwarded-* and X-Request-Id are kept (repeatable)",
     )
     edge.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    edge.add_argument(
+        "--access-log",
+        default=None,
+        metavar="FILE",
+        help="write one JSON line per request to FILE ('-': standard error; default: none); "
+        "the file is opened again on SIGHUP",
+    )
+    limiting = edge.add_argument_group("rate limiting")
+    limiting.add_argument(
+        "--rate-limit",
+        type=rate_limit,
+        default=None,
+        metavar="RATE[/BURST]",
+        help="requests per second per client address, and the burst allowed at once "
+        "(e.g. 50/100; default: no limit); over it a client gets 429",
+    )
+    limiting.add_argument(
+        "--rate-limit-max-clients",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="clients each worker keeps rate state for (least recently seen go first)",
+    )
     admin = edge.add_argument_group("admin API")
     admin.add_argument("--admin-host", default="0.0.0.0", help="address of the admin API")
     admin.add_argument(
@@ -184,6 +222,9 @@ def edge_config(args: argparse.Namespace) -> EdgeConfig:
         bootstrap_token=os.environ.get("ZEITWORK_BOOTSTRAP_TOKEN") or None,
         edge_host=args.edge_host.strip().lower().rstrip("."),
         nameservers=tuple(args.nameserver),
+        client_rate_limit=args.rate_limit,
+        access_log=args.access_log,
+        rate_limit_max_keys=args.rate_limit_max_clients,
         apps_domain=args.apps_domain.strip().lower().rstrip("."),
         region=args.region,
         routes_reload_interval=args.routes_reload_interval,

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge.ratelimit import RateLimit
 from edge.routing import RoutesError, normalize_host
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -130,6 +131,12 @@ class EdgeConfig:
     edge_host: str = "edge.zeitwork.com"
     # Nameservers for domain verification ("host" or "host:port"); empty: the system's.
     nameservers: tuple[str, ...] = ()
+    # Requests per client address (after trusted-proxy handling); None: not limited.
+    client_rate_limit: RateLimit | None = None
+    # Clients whose state each worker keeps at most (the least recently seen go first).
+    rate_limit_max_keys: int = 100_000
+    # The access log: a file path, "-" for standard error, None for none.
+    access_log: str | None = None
 
     @property
     def postgres_dir(self) -> Path:
@@ -166,6 +173,10 @@ class EdgeConfig:
             raise ConfigError(f"the admin port and the HTTP port are both {self.http_port}")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ConfigError("the admin token must be at least 16 characters")
+        if self.rate_limit_max_keys < 1:
+            raise ConfigError(
+                f"rate limit max keys must be positive, got {self.rate_limit_max_keys}"
+            )
         if self.bootstrap_token is not None and len(self.bootstrap_token) < 16:
             raise ConfigError("the bootstrap token must be at least 16 characters")
 

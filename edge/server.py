@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, MutableSequence
+from collections.abc import MutableSequence
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -107,7 +107,13 @@ async def _serve_worker(
         if not await _first_of(live.loaded, stop):
             await live.stop()
             return 0
-        reload: Callable[[], object] = live.request_reload
+        live_routes = live
+
+        def reload() -> object:
+            if worker.access_log is not None:
+                worker.access_log.reopen()  # after a rotation, the path names a new file
+            live_routes.request_reload()
+            return None
     else:
         assert config.routes_path is not None
         provider = FileRouteProvider(config.routes_path)

@@ -19,6 +19,7 @@ import h11
 
 from edge.config import EdgeConfig, ProxyLimits, parse_networks
 from edge.proxy.worker import ProxyWorker, listen_socket
+from edge.ratelimit import RateLimit
 from edge.routing import FileRouteProvider, parse_routes_document
 
 HOST = "127.0.0.1"
@@ -211,6 +212,7 @@ async def running_edge(
     *,
     trusted_proxies: tuple[str, ...] = (),
     region: str = "",
+    client_rate_limit: RateLimit | None = None,
     **limits: float,
 ) -> AsyncIterator[Edge]:
     """Start a proxy worker on a free loopback port with ``routes``; stop it afterwards."""
@@ -223,6 +225,7 @@ async def running_edge(
         workers=1,
         trusted_proxies=parse_networks(list(trusted_proxies)),
         region=region,
+        client_rate_limit=client_rate_limit,
         limits=ProxyLimits(**limits),  # type: ignore[arg-type]
     )
     provider = FileRouteProvider(routes_path)

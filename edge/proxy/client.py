@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from edge import accesslog
 from edge.proxy.http import (
+    ACME_CHALLENGE,
     ALLOWED_METHODS,
     CONTINUE_100,
     HOP_BY_HOP,
@@ -79,22 +81,27 @@ class Exchange:
         "attempts",
         "body_len",
         "body_sent",
+        "bytes_out",
         "chunked",
         "error",
         "expect_continue",
         "finished",
         "head",
         "head_sent",
+        "host",
         "is_head",
         "keep_alive",
+        "method",
         "out",
         "out_size",
+        "pool",
         "request_done",
         "request_id",
         "route",
         "sent_at",
         "started",
         "status",
+        "target",
         "upgrade",
         "upstream",
         "version_11",
@@ -125,11 +132,17 @@ class Exchange:
         self.status = 0
         self.started = _clock()
         self.sent_at = 0.0
+        # The instance it was last sent to, and what the access log needs (set only while
+        # the access log is on).
+        self.pool: UpstreamPool | None = None
+        self.method = self.target = self.host = b""
+        self.bytes_out = 0
 
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "active",
+        "bytes_out",
         "closing",
         "cur",
         "deadline",
@@ -174,6 +187,8 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = INF
         self.feeding = False
         self.peer = b""
+        # Bytes written to the client so far (the access log's bytes out).
+        self.bytes_out = 0
         self.forwarded = b""
         self.trusted = False
         self.tunnel: UpstreamConnection | None = None
@@ -383,6 +398,31 @@ class ClientConnection(asyncio.Protocol):
         if target[:1] != b"/":
             target = self._origin_form(method, target, host)
 
+        if worker.access_log is not None:
+            ex.method, ex.target, ex.host = method, target, host
+            ex.bytes_out = self.bytes_out
+        limiter = worker.client_limiter
+        if limiter is not None and not target.startswith(ACME_CHALLENGE):
+            # The client after trusted-proxy handling: the address that reached the proxy
+            # nearest to us, else the peer. ACME challenges are never limited (issuance
+            # must not fail because a validator shares an address with a flood).
+            client = xff.rpartition(b",")[2].strip() if trusted and xff else self.peer
+            wait = limiter.check(client, ex.started)
+            if wait:
+                worker.rate_limited(client, host, limiter, 0)
+                error = RequestRejected(
+                    429,
+                    "too many requests",
+                    close=has_body,
+                    extra=limiter.deny_headers(client, ex.started, wait),
+                )
+                if not has_body:
+                    ex.error = error
+                    ex.request_done = True
+                    self._submit(ex)
+                    return
+                raise error
+
         name = host.lower()
         if b":" in name and name[-1:].isdigit():
             name = name.rpartition(b":")[0]
@@ -522,6 +562,7 @@ class ClientConnection(asyncio.Protocol):
     def _dispatch(self, ex: Exchange, pool: UpstreamPool) -> None:
         ex.attempts += 1
         ex.sent_at = _clock()
+        ex.pool = pool
         conn = pool.acquire()
         if conn is not None:
             conn.attach(self, ex)
@@ -574,6 +615,8 @@ class ClientConnection(asyncio.Protocol):
         ex.finished = True
         if ex.status:
             self.worker.metrics.request_done(ex.status, _clock() - ex.started)
+            if self.worker.access_log is not None:
+                self._log_access(ex)
         if self.active is ex:
             self.active = None
         if self.transport is None:
@@ -598,7 +641,7 @@ class ClientConnection(asyncio.Protocol):
     def _answer(self, ex: Exchange, error: RequestRejected) -> None:
         """Write the proxy's own response for ``ex`` and end the exchange."""
         close = error.close or not ex.keep_alive or self.worker.shutting_down
-        extra = b""
+        extra = error.extra
         if error.status == 503:
             extra = b"Retry-After: 5\r\n"
         elif error.status == 405:
@@ -667,10 +710,34 @@ class ClientConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
+            self.bytes_out += len(data)
 
     def write_many(self, data: list[bytes]) -> None:
         if self.transport is not None:
-            self.transport.write(data[0] if len(data) == 1 else b"".join(data))
+            joined = data[0] if len(data) == 1 else b"".join(data)
+            self.transport.write(joined)
+            self.bytes_out += len(joined)
+
+    def _log_access(self, ex: Exchange) -> None:
+        log = self.worker.access_log
+        assert log is not None
+        pool = ex.pool
+        log.record(
+            {
+                "time": accesslog.timestamp(),
+                "request_id": ex.request_id.decode("latin-1"),
+                "client": self.peer.decode("latin-1"),
+                "host": ex.host.decode("latin-1"),
+                "method": ex.method.decode("latin-1"),
+                "path": ex.target.decode("latin-1"),
+                "status": ex.status,
+                "bytes_in": ex.body_len,
+                "bytes_out": self.bytes_out - ex.bytes_out,
+                "duration_ms": round((_clock() - ex.started) * 1000, 3),
+                "upstream": None if pool is None else str(pool.address),
+                "region": None if pool is None else pool.region or None,
+            }
+        )
 
     def pause_for_upstream(self) -> None:
         self._pause(_PAUSE_UPSTREAM)

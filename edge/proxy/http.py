@@ -65,14 +65,22 @@ def reason(status: int) -> bytes:
         return b""
 
 
+# Paths of ACME HTTP-01 challenges: never rate limited.
+ACME_CHALLENGE = b"/.well-known/acme-challenge/"
+
+
 class RequestRejected(Exception):
     """A request the proxy answers itself with ``status`` instead of forwarding it."""
 
-    def __init__(self, status: int, message: str, *, close: bool = True) -> None:
+    def __init__(
+        self, status: int, message: str, *, close: bool = True, extra: bytes = b""
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.close = close
+        # Header lines of the answer besides the usual ones (a 429's Retry-After ...).
+        self.extra = extra
 
 
 def error_response(

@@ -17,14 +17,20 @@ import socket
 from collections.abc import Callable, MutableSequence
 from email.utils import formatdate
 from random import random
+from time import perf_counter as _clock
 
+from edge.accesslog import AccessLog
 from edge.config import EdgeConfig
 from edge.metrics import ProxyMetrics
 from edge.proxy.client import ClientConnection
 from edge.proxy.upstream import UpstreamConnection, UpstreamPool
+from edge.ratelimit import Limiter, LogThrottle
 from edge.routing import Address, RouteProvider, RoutesError, RoutingTable
 
 log = logging.getLogger("edge.worker")
+
+# Rate limiter keys looked at per second for expiry: bounded work per tick at any size.
+SWEEP_BUDGET = 2000
 
 
 class Route:
@@ -111,6 +117,15 @@ class ProxyWorker:
         self.clients: set[ClientConnection] = set()
         self.upstreams: set[UpstreamConnection] = set()
         self.metrics = ProxyMetrics()
+        limit = config.client_rate_limit
+        self.client_limiter = (
+            None
+            if limit is None
+            else Limiter(limit, max_keys=config.rate_limit_max_keys, name="client")
+        )
+        self.access_log = None if config.access_log is None else AccessLog(config.access_log)
+        # A flood of refusals logs a line a second, not a line a request.
+        self._limit_log = LogThrottle(1.0)
         # The shared block the master reads the counts from (None: nobody reads them).
         self.metrics_block: MutableSequence[float] | None = None
         self.shutting_down = False
@@ -161,6 +176,8 @@ class ProxyWorker:
         self.table = table
 
     async def reload(self) -> bool:
+        if self.access_log is not None:
+            self.access_log.reopen()  # after a rotation, the path names a new file
         try:
             table = await self.provider.load()
         except RoutesError as exc:
@@ -207,10 +224,28 @@ class ProxyWorker:
                 last_date = second
                 self.date = formatdate(usegmt=True).encode()
                 self.publish_metrics()
+                if self.access_log is not None:
+                    self.access_log.flush()
+                if self.client_limiter is not None:
+                    self.client_limiter.sweep(_clock(), SWEEP_BUDGET)
             for client in [c for c in self.clients if c.deadline < now]:
                 client.on_timeout()
             for upstream in [u for u in self.upstreams if u.deadline < now]:
                 upstream.on_timeout()
+
+    def rate_limited(self, client: bytes, host: bytes, limiter: Limiter, scope: int) -> None:
+        """Count a 429, and log it unless a line was logged within the last second."""
+        self.metrics.limited[scope] += 1
+        held_back = self._limit_log.allow(self.now)
+        if held_back is not None:
+            log.warning(
+                "rate limit: client %s host %s over %s (%s)%s",
+                client.decode("latin-1"),
+                host.decode("latin-1"),
+                limiter.limit,
+                limiter.name,
+                f"; {held_back} more refused since the last line" if held_back else "",
+            )
 
     def publish_metrics(self) -> None:
         if self.metrics_block is not None:
@@ -243,6 +278,8 @@ class ProxyWorker:
         # Let transports run their connection_lost callbacks.
         await asyncio.sleep(0)
         self.publish_metrics()
+        if self.access_log is not None:
+            self.access_log.close()
 
 
 def listen_socket(host: str, port: int, backlog: int) -> socket.socket:

@@ -251,3 +251,25 @@ def test_routes_file_and_database_url_together_exit_2(
     )
     assert code == 2
     assert "not both" in err
+
+
+def test_rate_limit_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    parser = build_parser()
+    base = ["edge", "--routes", "r.json"]
+    config = edge_config(parser.parse_args([*base, "--rate-limit", "50/100"]))
+    assert config.client_rate_limit is not None
+    assert (config.client_rate_limit.rate, config.client_rate_limit.burst) == (50.0, 100)
+    # Without a burst, a second's worth.
+    only_rate = edge_config(parser.parse_args([*base, "--rate-limit", "2.5"]))
+    assert only_rate.client_rate_limit is not None and only_rate.client_rate_limit.burst == 3
+    assert edge_config(parser.parse_args(base)).client_rate_limit is None
+
+
+@pytest.mark.parametrize("value", ["fast", "0", "-1/5", "10/0", "10/x", "inf"])
+def test_bad_rate_limit_names_the_option(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["edge", "--routes", "r.json", f"--rate-limit={value}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--rate-limit" in err and "is not a rate limit like 50 or 50/100" in err
