@@ -50,7 +50,10 @@ VHOST = "bench.local"
 UPSTREAM_BODY = b"hello world\n"
 # "edge-pg" is the edge routing from PostgreSQL (a scratch database on $DATABASE_URL's server,
 # or the local one) instead of a routes file: the same request path, so the same figures.
-TARGETS = ("edge", "edge-pg", "nginx")
+# "edge-limited" is the routes-file edge with per-client rate limiting on, at a limit no
+# client reaches: every request pays for the check, none is refused.
+TARGETS = ("edge", "edge-pg", "edge-limited", "nginx")
+UNREACHED_LIMIT = "1000000000/1000000000"
 DEFAULT_TARGETS = ("edge", "nginx")
 WRK_THREADS = 1
 START_TIMEOUT_S = 15.0
@@ -492,6 +495,7 @@ def start_edge(
     upstream_port: int,
     database_url: str | None = None,
     name: str = "edge",
+    extra: Sequence[str] = (),
 ) -> Server:
     if not edge_cmd or which(edge_cmd[0]) is None:
         raise BenchError(
@@ -514,6 +518,7 @@ def start_edge(
         "--workers",
         "1",
         *_edge_host_args(edge_cmd),
+        *extra,
     ]
     return procs.start(name, argv, port, workdir / "edge.log")
 
@@ -731,6 +736,16 @@ def run_benchmark(
             port = free_port()
             if name == "edge":
                 server = start_edge(procs, config.edge_cmd, tmp / "edge", port, upstream.port)
+            elif name == "edge-limited":
+                server = start_edge(
+                    procs,
+                    config.edge_cmd,
+                    tmp / "edge-limited",
+                    port,
+                    upstream.port,
+                    name="edge-limited",
+                    extra=("--rate-limit", UNREACHED_LIMIT),
+                )
             elif name == "edge-pg":
                 dsn = stack.enter_context(seeded_database(upstream.port))
                 server = start_edge(
