@@ -171,7 +171,8 @@ class Limiter:
         The allowed path is a dict pop, a comparison or two and a dict store; re-inserting
         the key moves it to the end, so the dict's order is least recently used first.
         A refused hit also re-inserts its key, with its TAT unchanged: a client hammering
-        away while refused stays recent, so the cap never evicts it into a fresh burst.
+        away while refused stays recent, so the cap evicts idle keys first and does not hand
+        it a fresh burst.
         """
         tats = self._tats
         u = now * self._rate
