@@ -150,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         "<data-dir>/admin-token, generated on first start)",
     )
     admin.add_argument(
+        "--admin-rate-limit",
+        type=rate_limit,
+        default=RateLimit(20.0, 100),
+        metavar="RATE[/BURST]",
+        help="admin API requests per second per token, and the burst (default 20/100)",
+    )
+    admin.add_argument(
         "--edge-host",
         default="edge.zeitwork.com",
         help="host that customers' domains point at with a CNAME (default edge.zeitwork.com)",
@@ -224,6 +231,7 @@ def edge_config(args: argparse.Namespace) -> EdgeConfig:
         nameservers=tuple(args.nameserver),
         client_rate_limit=args.rate_limit,
         access_log=args.access_log,
+        admin_rate_limit=args.admin_rate_limit,
         rate_limit_max_keys=args.rate_limit_max_clients,
         apps_domain=args.apps_domain.strip().lower().rstrip("."),
         region=args.region,

@@ -135,6 +135,8 @@ class EdgeConfig:
     client_rate_limit: RateLimit | None = None
     # Clients whose state each worker keeps at most (the least recently seen go first).
     rate_limit_max_keys: int = 100_000
+    # Admin API requests per token; None: not limited.
+    admin_rate_limit: RateLimit | None = field(default_factory=lambda: RateLimit(20.0, 100))
     # The access log: a file path, "-" for standard error, None for none.
     access_log: str | None = None
 

@@ -38,6 +38,7 @@ from edge.config import EdgeConfig
 from edge.leader import LeaderLock
 from edge.live_routes import LiveRoutes, PostgresRouteProvider
 from edge.proxy.worker import ProxyWorker, listen_socket
+from edge.ratelimit import Limiter
 from edge.routing import FileRouteProvider, RouteProvider, RoutesError
 from edge.store.db import connect, create_pool, describe_dsn
 from edge.store.embedded import EmbeddedPostgres
@@ -297,6 +298,9 @@ class Master:
             ),
             routing_age=self.routing_age,
             collectors=(metrics.ProxyCollector(self._metric_blocks, self._retired_metrics),),
+            limiter=None
+            if self.config.admin_rate_limit is None
+            else Limiter(self.config.admin_rate_limit, max_keys=10_000, name="admin"),
             is_leader=(lambda: leader.is_leader) if leader is not None else (lambda: False),
         )
         if dsn:

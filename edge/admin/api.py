@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from edge.admin.http import Request, Response, error_body
+from edge.ratelimit import Limiter
 from edge.store.errors import (
     TRANSLATED,
     Conflict,
@@ -470,6 +471,29 @@ def _store_error(exc: StoreError) -> ApiError:
     return ApiError(500, "internal", "internal error in the store")
 
 
+def _limit(limiter: Limiter, key: str, request: Request) -> None:
+    """429 when the token is over the admin API's limit (counted per token, not per address:
+    an operator's script and a node's agent each have their own)."""
+    now = time.monotonic()
+    wait = limiter.check(key, now)
+    if wait:
+        lines = limiter.deny_headers(key, now, wait).decode("latin-1").split("\r\n")
+        headers = [
+            (n.strip().lower(), v.strip()) for n, _, v in (x.partition(":") for x in lines if x)
+        ]
+        log.warning(
+            "admin API: rate limit: %s over %s for %s %s from %s",
+            key,
+            limiter.limit,
+            request.method,
+            request.raw_path,
+            request.client,
+        )
+        raise ApiError(
+            429, "rate_limited", f"too many requests; retry in {wait:.1f} s", headers=headers
+        )
+
+
 async def dispatch(api: Api, ctx: AdminContext, request: Request) -> Response:
     """Serve one request; never raises."""
     started = time.perf_counter()
@@ -477,6 +501,8 @@ async def dispatch(api: Api, ctx: AdminContext, request: Request) -> Response:
     try:
         route, params = api.resolve(request)
         principal = await ctx.auth.authenticate(request, route.auth, params)
+        if principal is not None and ctx.limiter is not None:
+            _limit(ctx.limiter, principal.name, request)
         values, page = _query_values(route, request)
         if route.query is not None:
             try:
@@ -561,6 +587,7 @@ _STATUS_TEXT = {
     405: "Method not allowed",
     409: "Conflict with the current state",
     413: "Body over 1 MiB",
+    429: "Over the admin API's rate limit for this token (see Retry-After)",
     415: "Body is not JSON",
     503: "The database is unavailable",
 }
@@ -738,7 +765,7 @@ def _responses(route: Route, refs: dict[Any, Any]) -> dict[str, Any]:
         responses[str(status)] = {"description": _STATUS_TEXT.get(status, "OK")}
     codes = {400, *route.errors}
     if route.auth != "none":
-        codes |= {401, 403}
+        codes |= {401, 403, 429}
     if route.body is not None:
         codes |= {413, 415}
     if route.auth != "none" or route.errors:

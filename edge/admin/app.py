@@ -18,6 +18,7 @@ from edge import __version__
 from edge.admin.api import Api, Route, dispatch
 from edge.admin.auth import Authenticator, Principal
 from edge.admin.http import HttpServer, Request, Response, ServerLimits
+from edge.ratelimit import Limiter
 from edge.store import audit
 from edge.store.errors import StoreError
 
@@ -120,6 +121,8 @@ class AdminContext:
     metrics: AdminMetrics = field(default_factory=AdminMetrics)
     # More metrics in the same scrape (the proxy workers' counts).
     collectors: tuple[Any, ...] = ()
+    # Requests per token (None: not limited).
+    limiter: Limiter | None = None
 
     def __post_init__(self) -> None:
         for collector in self.collectors:
