@@ -34,6 +34,14 @@ class Address(NamedTuple):
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+class ProjectLimit(NamedTuple):
+    """A project's rate limit: requests per second to all its hosts together, and burst."""
+
+    project: str
+    rate: int
+    burst: int
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingTable:
     """host (lower case, no port) -> the addresses of the instances that serve it."""
@@ -44,6 +52,9 @@ class RoutingTable:
     # The region each instance runs in, where the source knows it (the routes file does not):
     # the edge prefers instances of its own region.
     regions: Mapping[Address, str] = field(default_factory=dict)
+    # The rate limit of each host whose project has one (the database knows them; the
+    # routes file does not).
+    limits: Mapping[str, ProjectLimit] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.routes)

@@ -32,6 +32,7 @@ from edge.proxy.http import (
 if TYPE_CHECKING:
     from edge.proxy.upstream import UpstreamConnection, UpstreamPool
     from edge.proxy.worker import ProxyWorker, Route
+    from edge.ratelimit import Limiter
 
 log = logging.getLogger("edge.proxy")
 
@@ -407,21 +408,9 @@ class ClientConnection(asyncio.Protocol):
             # nearest to us, else the peer. ACME challenges are never limited (issuance
             # must not fail because a validator shares an address with a flood).
             client = xff.rpartition(b",")[2].strip() if trusted and xff else self.peer
-            wait = limiter.check(client, ex.started)
-            if wait:
-                worker.rate_limited(client, host, limiter, 0)
-                error = RequestRejected(
-                    429,
-                    "too many requests",
-                    close=has_body,
-                    extra=limiter.deny_headers(client, ex.started, wait),
-                )
-                if not has_body:
-                    ex.error = error
-                    ex.request_done = True
-                    self._submit(ex)
-                    return
-                raise error
+            if limiter.check(client, ex.started):
+                self._refuse(ex, limiter, client, client=client, host=host, body=has_body, scope=0)
+                return
 
         name = host.lower()
         if b":" in name and name[-1:].isdigit():
@@ -439,6 +428,14 @@ class ClientConnection(asyncio.Protocol):
                 self._submit(ex)
                 return
             raise error
+        limiter = route.limiter
+        if (
+            limiter is not None
+            and not target.startswith(ACME_CHALLENGE)
+            and limiter.check(b"", ex.started)
+        ):
+            self._refuse(ex, limiter, b"", client=self.peer, host=host, body=has_body, scope=1)
+            return
         ex.route = route
 
         if not parser.should_keep_alive():
@@ -482,6 +479,34 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = worker.now + self.limits.body_timeout
         else:
             self.deadline = INF
+        self._submit(ex)
+
+    def _refuse(
+        self,
+        ex: Exchange,
+        limiter: Limiter,
+        key: bytes,
+        *,
+        client: bytes,
+        host: bytes,
+        body: bool,
+        scope: int,
+    ) -> None:
+        """Answer 429 for a request over ``limiter`` (scope 0: its client, 1: its project);
+        with a body unread, the connection closes after it."""
+        self.worker.rate_limited(client, host, limiter, scope)
+        # Asked again, not counted: refused requests cost no quota.
+        wait = limiter.check(key, ex.started)
+        error = RequestRejected(
+            429,
+            "too many requests",
+            close=body,
+            extra=limiter.deny_headers(key, ex.started, wait),
+        )
+        if body:
+            raise error
+        ex.error = error
+        ex.request_done = True
         self._submit(ex)
 
     def _origin_form(self, method: bytes, target: bytes, host: bytes) -> bytes:

@@ -24,7 +24,7 @@ from edge.config import EdgeConfig
 from edge.metrics import ProxyMetrics
 from edge.proxy.client import ClientConnection
 from edge.proxy.upstream import UpstreamConnection, UpstreamPool
-from edge.ratelimit import Limiter, LogThrottle
+from edge.ratelimit import Limiter, LogThrottle, RateLimit
 from edge.routing import Address, RouteProvider, RoutesError, RoutingTable
 
 log = logging.getLogger("edge.worker")
@@ -42,11 +42,13 @@ class Route:
     until its ejection ends, unless every instance is ejected.
     """
 
-    __slots__ = ("host", "local", "pools", "remote")
+    __slots__ = ("host", "limiter", "local", "pools", "remote")
 
     def __init__(self, host: str, pools: list[UpstreamPool], region: str = "") -> None:
         self.host = host
         self.pools = pools
+        # The project's rate limit, shared by all its hosts (None: not limited).
+        self.limiter: Limiter | None = None
         if region:
             self.local = [p for p in pools if p.region == region]
             self.remote = [p for p in pools if p.region != region]
@@ -117,6 +119,8 @@ class ProxyWorker:
         self.clients: set[ClientConnection] = set()
         self.upstreams: set[UpstreamConnection] = set()
         self.metrics = ProxyMetrics()
+        # One limiter per rate-limited project, kept across table reloads.
+        self.project_limiters: dict[str, Limiter] = {}
         limit = config.client_rate_limit
         self.client_limiter = (
             None
@@ -168,12 +172,37 @@ class ProxyWorker:
                     pools[address] = pool
                 route_pools.append(pool)
             routes[host.encode()] = Route(host, route_pools, region)
+        self._install_limits(table, routes)
         for address, pool in self.pools.items():
             if address not in pools:
                 pool.close()
         self.pools = pools
         self.routes = routes  # one reference swap: requests see the old or the new table
         self.table = table
+
+    def _install_limits(self, table: RoutingTable, routes: dict[bytes, Route]) -> None:
+        """Give each host of a rate-limited project its project's limiter: a project keeps
+        its limiter (and its state) across reloads, with the policy updated in place."""
+        limiters: dict[str, Limiter] = {}
+        for host, (project, rate, burst) in table.limits.items():
+            route = routes.get(host.encode())
+            if route is None:
+                continue
+            limiter = limiters.get(project)
+            if limiter is None:
+                try:
+                    policy = RateLimit(rate, burst)
+                except ValueError as exc:  # the schema's checks make this unlikely
+                    log.error("project %s: rate limit not applied: %s", project, exc)
+                    continue
+                limiter = self.project_limiters.get(project)
+                if limiter is None:
+                    limiter = Limiter(policy, max_keys=1, name="project")
+                else:
+                    limiter.replace_limit(policy)
+                limiters[project] = limiter
+            route.limiter = limiter
+        self.project_limiters = limiters
 
     async def reload(self) -> bool:
         if self.access_log is not None:

@@ -21,7 +21,7 @@ import gc
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from edge.routing import Address, RoutingTable
+from edge.routing import Address, ProjectLimit, RoutingTable
 from edge.store.errors import translated
 
 # Deployment statuses whose URL answers even with no instance ready (503 instead of 404).
@@ -32,7 +32,7 @@ SERVING_STATUSES = ("healthy", "active", "draining")
 ROUTES_QUERY = """
 SELECT 0 AS kind,
        p.name || '-' || d.nanoid || '-' || p.org || '.' || $1 AS host,
-       i.address, i.port, i.region
+       i.address, i.port, i.region, p.id::text AS project, p.rate_limit_rps, p.rate_limit_burst
 FROM deployments d
 JOIN projects p ON p.id = d.project_id
 LEFT JOIN instances i
@@ -41,9 +41,11 @@ LEFT JOIN instances i
       AND i.address IS NOT NULL AND i.port IS NOT NULL
 WHERE i.id IS NOT NULL OR d.status IN ('healthy', 'active', 'draining')
 UNION ALL
-SELECT 1 AS kind, dom.name AS host, i.address, i.port, i.region
+SELECT 1 AS kind, dom.name AS host, i.address, i.port, i.region,
+       p.id::text AS project, p.rate_limit_rps, p.rate_limit_burst
 FROM domains dom
 JOIN environments e ON e.id = dom.environment_id
+JOIN projects p ON p.id = dom.project_id
 LEFT JOIN instances i
        ON i.deployment_id = e.current_deployment_id
       AND i.state = 'running' AND i.healthy
@@ -94,15 +96,19 @@ def _compile(rows: Sequence[Any], source: str) -> RoutingTable:
     hosts: dict[str, list[Address]] = {}
     domains: dict[str, list[Address]] = {}
     regions: dict[Address, str] = {}
+    # Only hosts of projects with a rate limit have an entry (most have none).
+    limits: dict[str, ProjectLimit] = {}
     # One Address object per distinct instance, however many hosts it serves: the table stays
     # small, and equal addresses are identical objects, which makes the duplicate check below
     # an identity check instead of hashing dataclasses (this loop runs once per row).
     interned: dict[tuple[str, int], Address] = {}
-    for kind, host, address, port, region in rows:
+    for kind, host, address, port, region, project, rps, burst in rows:
         into = domains if kind else hosts
         addresses = into.get(host)
         if addresses is None:
             addresses = into[host] = []
+            if rps is not None and (not kind or host not in hosts):
+                limits[host] = ProjectLimit(project, rps, burst or max(1, rps))
         if address is None:
             continue  # the LEFT JOIN found no ready instance: the host answers 503
         key = (address, port)
@@ -114,7 +120,7 @@ def _compile(rows: Sequence[Any], source: str) -> RoutingTable:
     for host, addresses in domains.items():
         hosts.setdefault(host, addresses)
     routes = {host: _distinct(addresses) for host, addresses in hosts.items()}
-    return RoutingTable(routes, source=source, regions=regions)
+    return RoutingTable(routes, source=source, regions=regions, limits=limits)
 
 
 def _distinct(addresses: list[Address]) -> tuple[Address, ...]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from edge.ratelimit import RateLimit
+from edge.routing import ProjectLimit, RoutingTable, parse_address
 from tests.harness import get, request, running_edge
 from tests.integration.conftest import StartUpstream
 
@@ -84,3 +85,37 @@ async def test_a_refused_request_with_a_body_closes_the_connection(
         refused = await request(edge.port, post)
         assert refused.status == 429
         assert (refused.header("connection") or "").lower() == "close"
+
+
+@pytest.mark.asyncio
+async def test_a_projects_hosts_share_its_limit_across_reloads(
+    upstream: StartUpstream, tmp_path: Path
+) -> None:
+    up = await upstream()
+    address = parse_address(up.address)
+    shop, shop_domain, blog = "shop.example.org", "www.shop.example.org", "blog.example.org"
+    routes = {shop: (address,), shop_domain: (address,), blog: (address,)}
+
+    def with_limit(burst: int) -> RoutingTable:
+        limit = ProjectLimit("project-shop", 1, burst)
+        return RoutingTable(routes, limits={shop: limit, shop_domain: limit})
+
+    async with running_edge({}, tmp_path) as edge:
+        edge.worker.install(with_limit(2))
+        statuses = [(await request(edge.port, get(host))).status for host in (shop, shop_domain)]
+        assert statuses == [200, 200]
+        refused = await request(edge.port, get(shop_domain))
+        assert refused.status == 429
+        assert refused.header("ratelimit-policy") == '"project";q=2;w=2'
+        # Another project is not affected.
+        assert (await request(edge.port, get(blog))).status == 200
+        assert edge.worker.metrics.limited == [0, 1]
+        # A reload with a larger burst keeps what the project has used: one more request
+        # passes, not a fresh burst of three.
+        edge.worker.install(with_limit(3))
+        assert (await request(edge.port, get(shop))).status == 200
+        assert (await request(edge.port, get(shop))).status == 429
+        # The limit gone, the project is served again.
+        edge.worker.install(RoutingTable(routes))
+        assert (await request(edge.port, get(shop))).status == 200
+        assert edge.worker.project_limiters == {}

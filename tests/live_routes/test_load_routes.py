@@ -161,3 +161,21 @@ async def test_many_hosts_share_instance_addresses_once(db: Any, seed: Seed) -> 
     assert len(t) == 4
     first = [addresses[0] for addresses in t.routes.values()]
     assert all(address is first[0] for address in first)  # one Address object, shared
+
+
+async def test_hosts_of_a_rate_limited_project_carry_its_limit(db: Any, seed: Seed) -> None:
+    project, environment, deployment, nano = await seed.app("acme", "shop")
+    await seed.instance(deployment)
+    await seed.domain("shop.example.org", project, environment)
+    _, _, other, other_nano = await seed.app("acme", "blog")
+    await seed.instance(other)
+    await db.execute(
+        "UPDATE projects SET rate_limit_rps = 50, rate_limit_burst = 80 WHERE id = $1", project
+    )
+    t = await table(db)
+    limit = (str(project), 50, 80)
+    assert t.limits == {f"shop-{nano}-acme.zeitwork.app": limit, "shop.example.org": limit}
+    assert f"blog-{other_nano}-acme.zeitwork.app" not in t.limits
+    # Without a burst, a second's worth.
+    await db.execute("UPDATE projects SET rate_limit_burst = NULL WHERE id = $1", project)
+    assert (await table(db)).limits["shop.example.org"] == (str(project), 50, 50)
