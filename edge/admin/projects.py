@@ -15,7 +15,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field
 
 from edge.admin.api import Api, ApiError, Call, Out, Page, QueryModel, Strict, not_found
 from edge.admin.views import DeploymentOut, deployment_out, project_of
@@ -94,17 +94,6 @@ def _unset() -> Any:
     return Field(default=None, json_schema_extra=_drop_default)
 
 
-def _object(value: Any, *, nullable: bool) -> Any:
-    # Checked before the nested model: its own type error would not name the field.
-    if value is None and nullable:
-        return None
-    if value is None:
-        raise ValueError("may not be null")
-    if not isinstance(value, dict):
-        raise ValueError("must be a JSON object")
-    return value
-
-
 class ResourcesIn(Strict):
     vcpu: Vcpu = 1.0
     memory: MemoryMb = 512
@@ -138,16 +127,6 @@ class ProjectIn(Strict):
         default=None, description="null: the platform's template"
     )
 
-    @field_validator("resources", mode="before")
-    @classmethod
-    def _resources(cls, value: Any) -> Any:
-        return _object(value, nullable=False)
-
-    @field_validator("rate_limit", mode="before")
-    @classmethod
-    def _rate_limit(cls, value: Any) -> Any:
-        return _object(value, nullable=True)
-
 
 class ProjectPatch(Strict):
     """The settings to change; the ones left out stay, null clears a nullable one."""
@@ -164,16 +143,6 @@ class ProjectPatch(Strict):
         description="replaces the whole limit; null: no limit",
     )
     image_template: ImageTemplate | None = _unset()
-
-    @field_validator("resources", mode="before")
-    @classmethod
-    def _resources(cls, value: Any) -> Any:
-        return _object(value, nullable=False)
-
-    @field_validator("rate_limit", mode="before")
-    @classmethod
-    def _rate_limit(cls, value: Any) -> Any:
-        return _object(value, nullable=True)
 
 
 class ProjectFilter(QueryModel):

@@ -3,6 +3,7 @@ deployments as operators see them (with their name and URL)."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -43,31 +44,16 @@ class DeploymentOut(Out):
 
 def deployment_out(view: DeploymentView, apps_domain: str) -> DeploymentOut:
     d = view.deployment
-    values: dict[str, Any] = {
-        "id": d.id,
-        "name": view.name,
-        "url": f"https://{view.name}.{apps_domain}",
-        "org": view.org,
-        "project": view.project,
-        "environment": view.environment,
-        "current": view.current,
-        "status": d.status,
-        "image": d.image,
-        "command": d.command,
-        "commit_sha": d.commit_sha,
-        "commit_message": d.commit_message,
-        "instances_per_region": d.instances_per_region,
-        "env": d.env,
-        "failure_reason": d.failure_reason,
-        "created_at": d.created_at,
-        "placing_at": d.placing_at,
-        "starting_at": d.starting_at,
-        "healthy_at": d.healthy_at,
-        "active_at": d.active_at,
-        "draining_at": d.draining_at,
-        "inactive_at": d.inactive_at,
-        "failed_at": d.failed_at,
-    }
+    # The model takes what it declares of the deployment's own fields (extra ones dropped).
+    values: dict[str, Any] = {f.name: getattr(d, f.name) for f in fields(d)}
+    values.update(
+        name=view.name,
+        url=f"https://{view.name}.{apps_domain}",
+        org=view.org,
+        project=view.project,
+        environment=view.environment,
+        current=view.current,
+    )
     return DeploymentOut.model_validate(values)
 
 

@@ -408,8 +408,9 @@ class ClientConnection(asyncio.Protocol):
             # nearest to us, else the peer. ACME challenges are never limited (issuance
             # must not fail because a validator shares an address with a flood).
             client = xff.rpartition(b",")[2].strip() if trusted and xff else self.peer
-            if limiter.check(client, ex.started):
-                self._refuse(ex, limiter, client, client=client, host=host, body=has_body, scope=0)
+            wait = limiter.check(client, ex.started)
+            if wait:
+                self._refuse(ex, limiter, client, wait, host=host, body=has_body, scope=0)
                 return
 
         name = host.lower()
@@ -429,13 +430,11 @@ class ClientConnection(asyncio.Protocol):
                 return
             raise error
         limiter = route.limiter
-        if (
-            limiter is not None
-            and not target.startswith(ACME_CHALLENGE)
-            and limiter.check(b"", ex.started)
-        ):
-            self._refuse(ex, limiter, b"", client=self.peer, host=host, body=has_body, scope=1)
-            return
+        if limiter is not None and not target.startswith(ACME_CHALLENGE):
+            wait = limiter.check(b"", ex.started)
+            if wait:
+                self._refuse(ex, limiter, b"", wait, host=host, body=has_body, scope=1)
+                return
         ex.route = route
 
         if not parser.should_keep_alive():
@@ -486,17 +485,15 @@ class ClientConnection(asyncio.Protocol):
         ex: Exchange,
         limiter: Limiter,
         key: bytes,
+        wait: float,
         *,
-        client: bytes,
         host: bytes,
         body: bool,
         scope: int,
     ) -> None:
-        """Answer 429 for a request over ``limiter`` (scope 0: its client, 1: its project);
-        with a body unread, the connection closes after it."""
-        self.worker.rate_limited(client, host, limiter, scope)
-        # Asked again, not counted: refused requests cost no quota.
-        wait = limiter.check(key, ex.started)
+        """Answer 429 for a request over ``limiter`` (scope 0: its client, 1: its project),
+        ``wait`` seconds before it would pass; with a body unread, the connection closes."""
+        self.worker.rate_limited(key or self.peer, host, limiter, scope)
         error = RequestRejected(
             429,
             "too many requests",
