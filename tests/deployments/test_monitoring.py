@@ -348,10 +348,9 @@ def test_node_agent_unit() -> None:
     assert command[:2] == [BINARY, "agent"]
 
 
+@pytest.mark.needs_tool("systemd-analyze")
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+    analyze = require_tool("systemd-analyze")
     # systemd-analyze insists that ExecStart's binary exists: point the units at a fake.
     fake = tmp_path / "fake-zeitwork"
     fake.write_text("#!/bin/sh\nexit 0\n")
