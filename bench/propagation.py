@@ -336,7 +336,8 @@ async def measure(
             deployment = await deployments.create(
                 conn, project_id=project.id, environment_id=env.id, image="bench"
             )
-            await deployments.set_status(conn, deployment.id, "healthy")
+            for source, target in deployments.PATH_TO_HEALTHY:
+                await deployments.transition(conn, deployment.id, source, target)
             row = await instances.create(conn, deployment_id=deployment.id, region=REGION)
             await instances.report(conn, row.id, "running", address=HOST, port=instance.port)
             await instances.set_health(conn, row.id, True)
@@ -344,7 +345,7 @@ async def measure(
 
         first, first_row, first_instance = await roll_out()
         await environments.set_current(conn, env.id, first)
-        await deployments.set_status(conn, first, "active")
+        await deployments.transition(conn, first, "healthy", "active")
 
         # The edge's side: one worker following the database.
         config = EdgeConfig(
@@ -388,8 +389,9 @@ async def measure(
             result.request_s.append(routed - sent)
             target.waiting_for = None
             # Retire the previous deployment as the scheduler would (outside the timing).
-            await deployments.set_status(conn, new, "active")
-            await deployments.set_status(conn, current, "inactive")
+            await deployments.transition(conn, new, "healthy", "active")
+            await deployments.transition(conn, current, "active", "draining")
+            await deployments.transition(conn, current, "draining", "inactive")
             await instances.report(conn, current_row, "stopped")
             await current_instance.stop()
             current, current_row, current_instance = new, new_row, new_instance

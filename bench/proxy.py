@@ -555,12 +555,13 @@ def seeded_database(upstream_port: int) -> Iterator[str]:
             deployment = await deployments.create(
                 conn, project_id=project.id, environment_id=env.id, image="bench"
             )
-            await deployments.set_status(conn, deployment.id, "healthy")
+            for source, target in deployments.PATH_TO_HEALTHY:
+                await deployments.transition(conn, deployment.id, source, target)
             row = await instances.create(conn, deployment_id=deployment.id, region="bench")
             await instances.report(conn, row.id, "running", address=HOST, port=upstream_port)
             await instances.set_health(conn, row.id, True)
             await environments.set_current(conn, env.id, deployment.id)
-            await deployments.set_status(conn, deployment.id, "active")
+            await deployments.transition(conn, deployment.id, "healthy", "active")
             domain = await domains.create(conn, VHOST, project_id=project.id, environment_id=env.id)
             await domains.record_check(conn, domain.id, verified=True, pointing=True)
         except BaseException:

@@ -14,29 +14,37 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Any
 from uuid import UUID
 
 from edge.store.errors import Conflict, Invalid, NotFound, translated
 from edge.store.instances import Instance, InstanceState
 from edge.store.query import Executor, execute, fetch_all, fetch_one, fetch_value
+from scheduler.lifecycle import STATUSES, IllegalTransition, Status, check
 
-Status = Literal[
-    "pending", "placing", "starting", "healthy", "active", "draining", "inactive", "failed"
-]
-STATUSES: tuple[str, ...] = get_args(Status)
+__all__ = ["STATUSES", "Status"]  # re-exported: the store's users name them from here
+
+# The transitions from a new deployment to a healthy one (benchmarks and tests seed with it).
+PATH_TO_HEALTHY: tuple[tuple[Status, Status], ...] = (
+    ("pending", "placing"),
+    ("placing", "starting"),
+    ("starting", "healthy"),
+)
 
 NANOID_ALPHABET = string.ascii_lowercase + string.digits
 NANOID_LENGTH = 7
 # 36**7 is 78 billion: a collision is rare, several in a row mean something else is wrong.
 _NANOID_ATTEMPTS = 5
 
-# One fixed statement per status (the timestamp column cannot be a parameter).
-_SET_STATUS = {
+# One fixed statement per status (the timestamp column cannot be a parameter). Entering
+# placing forgets the regions of an earlier run (a rollback places it anew); entering starting
+# records them.
+_TRANSITION: dict[str, str] = {
     status: (
         f"UPDATE deployments SET status = $2, {status}_at = now(),"  # noqa: S608
-        " failure_reason = CASE WHEN $2 = 'failed' THEN $3 ELSE failure_reason END"
-        " WHERE id = $1 AND ($4::text IS NULL OR status = $4) RETURNING *"
+        " failure_reason = CASE WHEN $2 = 'failed' THEN $3 ELSE failure_reason END,"
+        " regions = CASE WHEN $2 = 'placing' THEN NULL ELSE coalesce($5, regions) END"
+        " WHERE id = $1 AND status = $4 RETURNING *"
     )
     for status in STATUSES
     if status != "pending"
@@ -66,6 +74,8 @@ class Deployment:
     failed_at: datetime | None
     # Environment variables of its instances.
     env: dict[str, Any]
+    # The regions it runs in, recorded when it left placing.
+    regions: list[str] | None
 
 
 def new_nanoid() -> str:
@@ -169,32 +179,44 @@ async def list_by_status(db: Executor, *statuses: Status) -> list[Deployment]:
     )
 
 
-async def set_status(
+async def transition(
     db: Executor,
     deployment_id: UUID,
-    status: Status,
+    source: Status,
+    target: Status,
     *,
     reason: str | None = None,
-    expected: Status | None = None,
+    regions: list[str] | tuple[str, ...] | None = None,
 ) -> Deployment:
-    """Enter ``status`` now (sets ``<status>_at``; ``reason`` goes with ``failed``).
+    """Move the deployment from ``source`` to ``target`` now (sets ``<target>_at``;
+    ``reason`` goes with ``failed``, ``regions`` with ``starting``).
 
-    With ``expected``, only if the deployment is still in that status, else
-    :class:`Conflict`: two schedulers never both move the same deployment.
+    :class:`Invalid` when the lifecycle's table does not allow the change; :class:`Conflict`
+    when the deployment is no longer in ``source``: two writers never both move it.
     """
-    query = _SET_STATUS.get(status)
-    if query is None:
-        raise Invalid(f"cannot set deployment status to {status!r}", field="status")
-    if status == "failed" and not reason:
+    try:
+        check(source, target)
+    except IllegalTransition as exc:
+        raise Invalid(str(exc), field="status") from None
+    if target == "failed" and not reason:
         raise Invalid("a failed deployment needs a reason", field="failure_reason")
-    deployment = await fetch_one(db, Deployment, query, deployment_id, status, reason, expected)
+    deployment = await fetch_one(
+        db,
+        Deployment,
+        _TRANSITION[target],
+        deployment_id,
+        target,
+        reason,
+        source,
+        list(regions) if regions is not None else None,
+    )
     if deployment is not None:
         return deployment
     current = await fetch_value(db, "SELECT status FROM deployments WHERE id = $1", deployment_id)
     if current is None:
         raise NotFound(f"deployment {deployment_id} does not exist", field="id")
     raise Conflict(
-        f"deployment {deployment_id} is {current}, not {expected}; not moved to {status}",
+        f"deployment {deployment_id} is {current}, not {source}; not moved to {target}",
         field="status",
     )
 

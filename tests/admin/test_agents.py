@@ -20,6 +20,7 @@ from edge.store import deployments, environments, instances, logs, nodes, projec
 from edge.store.deployments import Deployment
 from tests.admin.conftest import BOOTSTRAP_TOKEN, NO_TOKEN, AdminClient, error_of
 from tests.harness import Response
+from tests.seeding import force_status
 
 
 @dataclass
@@ -87,7 +88,7 @@ async def world(admin: AdminClient) -> World:
     old = await deployments.create(
         pool, project_id=project.id, environment_id=env.id, image="ghcr.io/acme/web:1"
     )
-    await deployments.set_status(pool, old.id, "inactive")
+    await force_status(pool, old.id, "inactive")
 
     async def instance(of: Deployment, node: UUID, state: instances.InstanceState) -> UUID:
         created = await instances.create(pool, deployment_id=of.id, region="us-east", node_id=node)
@@ -235,7 +236,7 @@ async def test_assignments_list_what_the_node_runs_and_stops(
     assert theirs["version"] != answer["version"]
 
     # A failed deployment's instances are no longer the node's to run.
-    await deployments.set_status(admin.pool, world.deployment.id, "failed", reason="test")
+    await force_status(admin.pool, world.deployment.id, "failed", reason="test")
     after = await _as(admin, world.token_a, "GET", f"/api/v1/nodes/{world.node_a}/assignments")
     assert [i["instance_id"] for i in after["instances"]] == [
         str(world.a_stop),

@@ -13,6 +13,7 @@ import pytest
 from edge.store import deployments, environments, instances, nodes, projects, regions
 from edge.store.deployments import Status
 from tests.admin.conftest import NO_TOKEN, AdminClient, error_of
+from tests.seeding import force_status
 
 BASE = "/api/v1/analytics"
 
@@ -30,7 +31,7 @@ async def deploy(
     made = await deployments.create(pool, project_id=ids[0], environment_id=ids[1], image="i")
     for status in statuses:
         reason = "crashed" if status == "failed" else None
-        await deployments.set_status(pool, made.id, status, reason=reason)
+        await force_status(pool, made.id, status, reason=reason)
     if age is not None:
         await pool.execute(
             "UPDATE deployments SET created_at = now() - $2::interval WHERE id = $1", made.id, age

@@ -11,6 +11,7 @@ import pytest
 
 from edge.store import deployments, environments, instances, logs, projects
 from tests.admin.conftest import NO_TOKEN, AdminClient, error_of
+from tests.seeding import force_status
 
 # The operations guide's manual deployment, as written.
 OPS_GUIDE_BODY = {
@@ -37,7 +38,7 @@ async def make_current(admin: AdminClient, deployment: dict[str, Any]) -> None:
     """What the scheduler does when a deployment's instances are all healthy."""
     deployment_id = UUID(deployment["id"])
     for status in ("placing", "starting", "healthy", "active"):
-        await deployments.set_status(admin.pool, deployment_id, status)
+        await force_status(admin.pool, deployment_id, status)
     found = await deployments.get(admin.pool, deployment_id)
     await environments.set_current(admin.pool, found.environment_id, deployment_id)
 
@@ -174,7 +175,7 @@ async def test_project_deployments_newest_first_with_filters(admin: AdminClient)
     made = [await deploy(admin, "dokedu", "dokedu") for _ in range(3)]
     staging = await deploy(admin, "dokedu", "dokedu", environment="staging")
     await deploy(admin, "dokedu", "other")
-    await deployments.set_status(admin.pool, UUID(made[0]["id"]), "failed", reason="no health")
+    await force_status(admin.pool, UUID(made[0]["id"]), "failed", reason="no health")
 
     path = "/api/v1/projects/dokedu/dokedu/deployments"
     response = await admin.call("GET", path)
@@ -211,7 +212,7 @@ async def test_all_deployments_by_org_as_the_monthly_report(admin: AdminClient) 
     await deploy(admin, "acme", "webapp")
     api_one = await deploy(admin, "acme", "api")
     await deploy(admin, "acme", "webapp", environment="staging")
-    await deployments.set_status(admin.pool, UUID(api_one["id"]), "placing")
+    await force_status(admin.pool, UUID(api_one["id"]), "placing")
 
     response = await admin.call("GET", "/api/v1/deployments")
     assert response.status == 200 and response.header("x-total-count") == "4"
@@ -482,7 +483,7 @@ async def test_metrics(admin: AdminClient) -> None:
         if healthy:
             await instances.set_health(admin.pool, instance.id, True)
     for status in ("placing", "starting", "healthy"):
-        await deployments.set_status(admin.pool, deployment_id, status)
+        await force_status(admin.pool, deployment_id, status)
 
     known = await admin.ok("GET", f"/api/v1/deployments/{created['id']}/metrics")
     assert known["status"] == "healthy"

@@ -214,19 +214,31 @@ async def test_deployments(pool: Any) -> None:
     assert set(deployment.nanoid) <= set(deployments.NANOID_ALPHABET)
     assert (await deployments.get_by_nanoid(pool, deployment.nanoid)).id == deployment.id
 
-    placing = await deployments.set_status(pool, deployment.id, "placing", expected="pending")
+    placing = await deployments.transition(pool, deployment.id, "pending", "placing")
     assert placing.status == "placing" and placing.placing_at is not None
     assert placing.starting_at is None
     with pytest.raises(Conflict, match="is placing, not pending"):
-        await deployments.set_status(pool, deployment.id, "starting", expected="pending")
+        await deployments.transition(pool, deployment.id, "pending", "placing")
+    # Not in the lifecycle's table: refused, and nothing changes.
+    with pytest.raises(Invalid, match="cannot go from placing to active"):
+        await deployments.transition(pool, deployment.id, "placing", "active")
+    assert (await deployments.get(pool, deployment.id)).status == "placing"
+    starting = await deployments.transition(
+        pool, deployment.id, "placing", "starting", regions=["eu-west", "us-east"]
+    )
+    assert starting.regions == ["eu-west", "us-east"] and starting.starting_at is not None
     with pytest.raises(Invalid, match="needs a reason"):
-        await deployments.set_status(pool, deployment.id, "failed")
-    failed = await deployments.set_status(pool, deployment.id, "failed", reason="no nodes")
+        await deployments.transition(pool, deployment.id, "starting", "failed")
+    failed = await deployments.transition(
+        pool, deployment.id, "starting", "failed", reason="no nodes"
+    )
     assert (failed.failure_reason, failed.failed_at is not None) == ("no nodes", True)
-    with pytest.raises(Invalid, match="status"):
-        await deployments.set_status(pool, deployment.id, "pending")
+    with pytest.raises(Invalid, match="failed is final"):
+        await deployments.transition(pool, deployment.id, "failed", "placing")
+    with pytest.raises(Invalid, match="'paused' is not a deployment status"):
+        await deployments.transition(pool, deployment.id, "paused", "pending")  # type: ignore[arg-type]
     with pytest.raises(NotFound):
-        await deployments.set_status(pool, uuid4(), "placing")
+        await deployments.transition(pool, uuid4(), "pending", "placing")
 
     other = await projects.create(pool, "acme", "api")
     with pytest.raises(NotFound, match="environment"):

@@ -8,12 +8,14 @@ import pytest
 
 from edge.cli import main
 
+ALL_APPLIED = "applied 0001_platform\napplied 0002_admin_api\napplied 0003_scheduler\n"
+
 
 def test_migrate_then_up_to_date(
     empty_database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["migrate", "--database-url", empty_database_url]) == 0
-    assert capsys.readouterr().out == "applied 0001_platform\napplied 0002_admin_api\n"
+    assert capsys.readouterr().out == ALL_APPLIED
     assert main(["migrate", "--database-url", empty_database_url]) == 0
     assert capsys.readouterr().out == "schema up to date\n"
 
@@ -41,6 +43,6 @@ def test_migrate_embedded_without_url(
 ) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     assert main(["migrate", "--data-dir", str(tmp_path / "pg")]) == 0
-    assert capsys.readouterr().out == "applied 0001_platform\napplied 0002_admin_api\n"
+    assert capsys.readouterr().out == ALL_APPLIED
     assert main(["migrate", "--data-dir", str(tmp_path / "pg")]) == 0
     assert capsys.readouterr().out == "schema up to date\n"

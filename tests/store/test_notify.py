@@ -17,7 +17,9 @@ Change = Callable[[Any, dict[str, Any]], Awaitable[object]]
 CHANGES: dict[str, Change] = {
     "projects": lambda db, s: projects.update(db, s["project"].id, rate_limit_rps=5),
     "environments": lambda db, s: environments.set_current(db, s["env"].id, s["deployment"].id),
-    "deployments": lambda db, s: deployments.set_status(db, s["deployment"].id, "placing"),
+    "deployments": lambda db, s: deployments.transition(
+        db, s["deployment"].id, "pending", "placing"
+    ),
     "instances": lambda db, s: instances.set_health(db, s["instance"].id, True),
     "domains": lambda db, s: domains.record_check(db, s["domain"].id, verified=True, pointing=True),
 }
