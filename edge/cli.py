@@ -12,6 +12,7 @@ from edge import __version__
 from edge.config import ConfigError, EdgeConfig, ProxyLimits, parse_networks
 from edge.ratelimit import RateLimit
 from edge.routing import FileRouteProvider, RoutesError
+from scheduler.reconciler import Settings as SchedulerSettings
 
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -168,6 +169,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST[:PORT]",
         help="nameserver for domain verification (repeatable; default: the system's)",
     )
+    defaults = SchedulerSettings()
+    scheduling = edge.add_argument_group(
+        "scheduler (runs on the leader edge: the one holding the database's leader lock)"
+    )
+    scheduling.add_argument(
+        "--start-timeout",
+        type=seconds,
+        default=defaults.start_timeout,
+        metavar="SECONDS",
+        help="a deployment not healthy this long after placement began fails (default 300)",
+    )
+    scheduling.add_argument(
+        "--rollback-window",
+        type=seconds,
+        default=defaults.rollback_window,
+        metavar="SECONDS",
+        help="how long the replaced deployment keeps running for a rollback (default 600)",
+    )
+    scheduling.add_argument(
+        "--heartbeat-timeout",
+        type=seconds,
+        default=defaults.heartbeat_timeout,
+        metavar="SECONDS",
+        help="a node silent this long is down and its instances are replaced (default 30)",
+    )
+    scheduling.add_argument(
+        "--scheduler-interval",
+        type=seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="period of the pass that catches timeouts; changes wake it at once (default 1)",
+    )
     d = ProxyLimits()
     limits = edge.add_argument_group("limits and timeouts")
     limits.add_argument("--max-header-size", type=size, default=d.max_header_size)
@@ -236,6 +269,12 @@ def edge_config(args: argparse.Namespace) -> EdgeConfig:
         apps_domain=args.apps_domain.strip().lower().rstrip("."),
         region=args.region,
         routes_reload_interval=args.routes_reload_interval,
+        scheduling=SchedulerSettings(
+            start_timeout=args.start_timeout,
+            rollback_window=args.rollback_window,
+            heartbeat_timeout=args.heartbeat_timeout,
+        ),
+        scheduler_interval=args.scheduler_interval,
         http_host=args.host,
         http_port=args.http_port,
         trusted_proxies=parse_networks(args.trusted_proxy),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edge.ratelimit import RateLimit
 from edge.routing import RoutesError, normalize_host
+from scheduler.reconciler import Settings as SchedulerSettings
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -139,6 +140,10 @@ class EdgeConfig:
     admin_rate_limit: RateLimit | None = field(default_factory=lambda: RateLimit(20.0, 100))
     # The access log: a file path, "-" for standard error, None for none.
     access_log: str | None = None
+    # The embedded scheduler (it runs on the leader edge): its timeouts, and the period of
+    # the pass that catches them.
+    scheduling: SchedulerSettings = field(default_factory=SchedulerSettings)
+    scheduler_interval: float = 1.0
 
     @property
     def postgres_dir(self) -> Path:
@@ -181,6 +186,11 @@ class EdgeConfig:
             )
         if self.bootstrap_token is not None and len(self.bootstrap_token) < 16:
             raise ConfigError("the bootstrap token must be at least 16 characters")
+        if not self.scheduler_interval > 0:
+            raise ConfigError(
+                f"scheduler interval must be a positive number of seconds, got "
+                f"{self.scheduler_interval}"
+            )
 
 
 def parse_networks(values: list[str]) -> tuple[IPNetwork, ...]:

@@ -6,8 +6,10 @@ leader at once on the server's side, and another edge takes the lock at its next
 that is not leader tries every ``interval`` seconds; the leader checks its connection as
 often, so it notices a lost lock within that time too.
 
-Limits: leadership is only a flag here (:attr:`LeaderLock.is_leader`); the singleton loops
-that run on the leader (the scheduler, ACME) read it.
+The singleton loops that run on the leader (the scheduler, ACME) read
+:attr:`LeaderLock.is_leader`, and fence their writes with :attr:`LeaderLock.fence`: a write
+transaction that checks the lock is still held by this edge's session cannot land after
+another edge took over.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ class LeaderLock:
         self.is_leader = False
         self._conn: Any = None
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def fence(self) -> tuple[int, int] | None:
+        """(lock key, server pid of the session holding it) while leader, else None."""
+        if not self.is_leader or self._conn is None:
+            return None
+        return KEY, int(self._conn.get_server_pid())
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="leader-lock")

@@ -206,6 +206,7 @@ class Master:
         self._admin: Any = None
         self._pool: Any = None
         self._leader: LeaderLock | None = None
+        self._scheduler: Any = None
 
     def run(self) -> int:
         return uvloop.run(self._main())
@@ -267,6 +268,7 @@ class Master:
         # Imported here: a routes-file edge without an admin port needs none of it.
         from edge.admin.app import (  # noqa: PLC0415
             AdminContext,
+            AdminMetrics,
             AdminServer,
             AdminSettings,
         )
@@ -287,6 +289,19 @@ class Master:
             log.error("%s", exc)
             return False
         leader = self._leader
+        admin_metrics = AdminMetrics()
+        metrics_registry = admin_metrics.registry
+        if leader is not None and dsn:
+            from edge.scheduling import SchedulerLoop  # noqa: PLC0415
+
+            self._scheduler = SchedulerLoop(
+                self._pool,
+                dsn,
+                leader,
+                self.config.scheduling,
+                interval=self.config.scheduler_interval,
+                registry=metrics_registry,
+            )
         ctx = AdminContext(
             pool=self._pool,
             auth=Authenticator(self._pool, token, self.config.bootstrap_token),
@@ -297,12 +312,15 @@ class Master:
                 region=self.config.region,
             ),
             routing_age=self.routing_age,
+            metrics=admin_metrics,
             collectors=(metrics.ProxyCollector(self._metric_blocks, self._retired_metrics),),
             limiter=None
             if self.config.admin_rate_limit is None
             else Limiter(self.config.admin_rate_limit, max_keys=10_000, name="admin"),
             is_leader=(lambda: leader.is_leader) if leader is not None else (lambda: False),
         )
+        if self._scheduler is not None:
+            self._scheduler.start()
         if dsn:
             self._admin = AdminServer(ctx)
         else:
@@ -322,6 +340,9 @@ class Master:
         return True
 
     async def _stop_admin(self) -> None:
+        if self._scheduler is not None:
+            await self._scheduler.stop()
+            self._scheduler = None
         if self._admin is not None:
             await self._admin.close()
             self._admin = None
