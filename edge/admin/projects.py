@@ -3,8 +3,10 @@ environments (rollback, promote) with the views an operator checks after one (ro
 health).
 
 Every project gets the environments ``production`` and ``staging`` when it is created.
-Rollback and promote change the database only: the scheduler acts on the new state (it
-restarts a rolled-back deployment's instances, rolls a promoted deployment out).
+A rollback to a deployment that still runs (inside its rollback window) routes to it at once;
+one whose instances were stopped is moved back to ``placing``, and the scheduler starts it
+again and routes to it once healthy. A promote creates a deployment that the scheduler rolls
+out like any other.
 """
 
 from __future__ import annotations
@@ -17,7 +19,17 @@ from uuid import UUID
 
 from pydantic import AfterValidator, Field
 
-from edge.admin.api import Api, ApiError, Call, Out, Page, QueryModel, Strict, not_found
+from edge.admin.api import (
+    Api,
+    ApiError,
+    Call,
+    Out,
+    Page,
+    QueryModel,
+    Reply,
+    Strict,
+    not_found,
+)
 from edge.admin.views import DeploymentOut, deployment_out, project_of
 from edge.store import deployments, domains, environments, projects
 from edge.store.errors import Conflict, NotFound
@@ -195,8 +207,13 @@ class RollbackIn(Strict):
 
 class RollbackOut(Out):
     environment: str
-    current: DeploymentOut
+    current: DeploymentOut | None
     previous: DeploymentOut | None
+    restarting: bool = Field(
+        description="false: the previous deployment (still running) is current now; true: its "
+        "instances were stopped and start again first, and it becomes current once healthy "
+        "(answered with 202)"
+    )
 
 
 class PromoteIn(Strict):
@@ -455,34 +472,71 @@ async def delete_project(call: Call) -> None:
     "POST",
     "/api/v1/projects/{org}/{name}/rollback",
     auth="admin",
-    summary="Route an environment back to its previous deployment",
+    # At once (200) while the previous deployment still runs (its rollback window); else its
+    # instances start again and it becomes current once healthy (202).
+    summary="Route an environment back to its previous deployment (202: restarting it first)",
     tag="projects",
     body=RollbackIn,
     body_required=False,
     response=RollbackOut,
+    answers=((202, RollbackOut),),
     errors=(404, 409),
 )
-async def rollback(call: Call) -> RollbackOut:
+async def rollback(call: Call) -> Reply:
     body: RollbackIn = call.body or RollbackIn()
     project = await project_of(call)
     env = await _environment(call, project, body.environment)
+    where = f"environment {env.name} of {project.org}/{project.name}"
     try:
-        env = await environments.swap_current(call.ctx.pool, env.id)
+        env, restarting = await _roll_back(call.ctx.pool, env.id, where)
     except Conflict:
         raise ApiError(
             409,
             "conflict",
-            f"environment {env.name} of {project.org}/{project.name} has no previous "
-            "deployment to roll back to",
+            f"{where} changed during the rollback; look at it again and retry",
             field="environment",
         ) from None
-    current = await _deployment(call, env.current_deployment_id)
-    assert current is not None  # swap_current only swaps in a previous deployment
-    return RollbackOut(
+    answer = RollbackOut(
         environment=env.name,
-        current=current,
+        current=await _deployment(call, env.current_deployment_id),
         previous=await _deployment(call, env.previous_deployment_id),
+        restarting=restarting,
     )
+    return Reply(answer, status=202 if restarting else 200)
+
+
+async def _roll_back(pool: Any, environment_id: UUID, where: str) -> tuple[Any, bool]:
+    """Make the previous deployment current again (True: once its restarted instances are
+    healthy), every status change through the lifecycle's table, in one transaction."""
+    async with pool.acquire() as conn, conn.transaction():
+        env = await environments.get(conn, environment_id, lock=True)
+        if env.previous_deployment_id is None:
+            raise ApiError(
+                409,
+                "conflict",
+                f"{where} has no previous deployment to roll back to",
+                field="environment",
+            )
+        previous = await deployments.get(conn, env.previous_deployment_id)
+        current = env.current_deployment_id and await deployments.get(
+            conn, env.current_deployment_id
+        )
+        if previous.status == "draining":
+            await deployments.transition(conn, previous.id, "draining", "active")
+            if current and current.status == "active":
+                await deployments.transition(conn, current.id, "active", "draining")
+            return await environments.swap_current(conn, env.id), False
+        if previous.status == "inactive":
+            await deployments.transition(conn, previous.id, "inactive", "placing")
+            return env, True
+        if previous.status in ("pending", "placing", "starting", "healthy"):
+            return env, True  # restarting already, from an earlier rollback
+        raise ApiError(
+            409,
+            "conflict",
+            f"the previous deployment of {where} is {previous.status}; it cannot serve again",
+            field="environment",
+        )
 
 
 @api.route(

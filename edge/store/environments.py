@@ -40,9 +40,17 @@ async def create(db: Executor, project_id: UUID, name: str) -> Environment:
     return env
 
 
-async def get(db: Executor, environment_id: UUID) -> Environment:
+_GET = "SELECT * FROM environments WHERE id = $1"
+_GET_LOCKED = _GET + " FOR UPDATE"
+
+
+async def get(db: Executor, environment_id: UUID, *, lock: bool = False) -> Environment:
+    """``lock``: FOR UPDATE, until the end of the transaction ``db`` is in."""
     env = await fetch_one(
-        db, Environment, "SELECT * FROM environments WHERE id = $1", environment_id
+        db,
+        Environment,
+        _GET_LOCKED if lock else _GET,
+        environment_id,
     )
     if env is None:
         raise NotFound(f"environment {environment_id} does not exist", field="id")

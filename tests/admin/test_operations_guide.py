@@ -31,6 +31,7 @@ from edge.store import deployments, environments, instances, logs, nodes, projec
 from edge.store.db import create_pool
 from tests.admin.process import EdgeProcess, running_edge
 from tests.conftest import require_tool
+from tests.seeding import force_status
 
 TOKEN = "operations-guide-admin-token"
 SECRET = "webhook-secret-key"
@@ -272,6 +273,14 @@ async def seed_dokedu(dsn: str) -> None:
         await environments.set_current(pool, production.id, old.id)
         await environments.set_current(pool, production.id, current.id)
         await environments.set_current(pool, staging.id, staged.id)
+        # As the scheduler leaves them: the old one in its rollback window.
+        statuses: list[tuple[deployments.Deployment, deployments.Status]] = [
+            (old, "draining"),
+            (current, "active"),
+            (staged, "active"),
+        ]
+        for deployment, status in statuses:
+            await force_status(pool, deployment.id, status)
         instance = await instances.create(
             pool, deployment_id=current.id, region="us-east", node_id=node.id
         )

@@ -11,6 +11,7 @@ import pytest
 
 from edge.store import deployments, domains, environments, instances, nodes, projects, regions
 from tests.admin.conftest import AdminClient, error_of
+from tests.seeding import force_status
 
 PROJECT = "/api/v1/projects/acme/webapp"
 APPS = "zeitwork.test"  # the fixture's apps domain
@@ -40,7 +41,7 @@ async def _deploy(
         admin.pool, project_id=project.id, environment_id=env_id, **fields
     )
     if status is not None:
-        deployment = await deployments.set_status(admin.pool, deployment.id, status)
+        deployment = await force_status(admin.pool, deployment.id, status)
     if current:
         await environments.set_current(admin.pool, env_id, deployment.id)
     return deployment
@@ -60,13 +61,16 @@ async def test_rollback_swaps_current_and_previous(admin: AdminClient) -> None:
     assert nothing.status == 409
     assert "no previous deployment" in error_of(nothing)["message"]
 
-    first = await _deploy(admin, project, current=True, commit_sha="aaa")
+    first = await _deploy(admin, project, current=True, commit_sha="aaa", status="active")
     only_one = await admin.call("POST", PROJECT + "/rollback")
     assert only_one.status == 409 and error_of(only_one)["field"] == "environment"
-    second = await _deploy(admin, project, current=True, commit_sha="bbb")
+    # The first one is in its rollback window: its instances still run.
+    await force_status(admin.pool, first.id, "draining")
+    second = await _deploy(admin, project, current=True, commit_sha="bbb", status="active")
 
-    # The guide's curl: no body, production.
+    # The guide's curl: no body, production. At once: 200.
     rolled = await admin.ok("POST", PROJECT + "/rollback")
+    assert rolled["restarting"] is False
     assert rolled["environment"] == "production"
     assert rolled["current"]["id"] == str(first.id) and rolled["current"]["current"] is True
     assert rolled["current"]["name"] == _name(first)
@@ -78,18 +82,52 @@ async def test_rollback_swaps_current_and_previous(admin: AdminClient) -> None:
     assert detail["environments"][0]["current_deployment"] == _name(first)
     assert detail["environments"][0]["previous_deployment"] == _name(second)
 
+    # Through the lifecycle: the one left starts its rollback window.
+    assert rolled["current"]["status"] == "active" and rolled["previous"]["status"] == "draining"
+
     # A second rollback undoes the first.
     again = await admin.ok("POST", PROJECT + "/rollback", {"environment": "production"})
     assert again["current"]["id"] == str(second.id) and again["previous"]["id"] == str(first.id)
-    # Only the database changes: the statuses are the scheduler's business.
-    assert (await deployments.get(admin.pool, first.id)).status == "pending"
+    assert (await deployments.get(admin.pool, first.id)).status == "draining"
+    assert (await deployments.get(admin.pool, second.id)).status == "active"
+
+
+@pytest.mark.asyncio
+async def test_rollback_after_the_window_restarts_the_previous_deployment(
+    admin: AdminClient,
+) -> None:
+    project = await _project(admin)
+    first = await _deploy(admin, project, current=True, status="inactive")
+    second = await _deploy(admin, project, current=True, status="active")
+    rolled = await admin.ok("POST", PROJECT + "/rollback", status=202)
+    # Its instances were stopped: it is placed again, and stays previous until it is healthy
+    # (the scheduler then makes it current); the current one keeps serving meanwhile.
+    assert rolled["restarting"] is True
+    assert rolled["current"]["id"] == str(second.id) and rolled["current"]["status"] == "active"
+    assert rolled["previous"]["id"] == str(first.id) and rolled["previous"]["status"] == "placing"
+    env = await environments.get_by_name(admin.pool, project.id, "production")
+    assert (env.current_deployment_id, env.previous_deployment_id) == (second.id, first.id)
+    # Asking again while it restarts changes nothing.
+    again = await admin.ok("POST", PROJECT + "/rollback", status=202)
+    assert again["previous"]["status"] == "placing"
+
+
+@pytest.mark.asyncio
+async def test_rollback_to_a_failed_deployment_is_refused(admin: AdminClient) -> None:
+    project = await _project(admin)
+    first = await _deploy(admin, project, current=True, status="active")
+    await _deploy(admin, project, current=True, status="active")
+    await force_status(admin.pool, first.id, "failed", reason="test")
+    refused = await admin.call("POST", PROJECT + "/rollback")
+    assert refused.status == 409
+    assert "is failed; it cannot serve again" in error_of(refused)["message"]
 
 
 @pytest.mark.asyncio
 async def test_rollback_of_another_environment(admin: AdminClient) -> None:
     project = await _project(admin)
-    old = await _deploy(admin, project, "staging", current=True)
-    new = await _deploy(admin, project, "staging", current=True)
+    old = await _deploy(admin, project, "staging", current=True, status="draining")
+    new = await _deploy(admin, project, "staging", current=True, status="active")
     production = await _deploy(admin, project, current=True)
     rolled = await admin.ok("POST", PROJECT + "/rollback", {"environment": "staging"})
     assert rolled["environment"] == "staging"
@@ -101,8 +139,8 @@ async def test_rollback_of_another_environment(admin: AdminClient) -> None:
 @pytest.mark.asyncio
 async def test_rollback_when_the_current_one_was_deleted(admin: AdminClient) -> None:
     project = await _project(admin)
-    first = await _deploy(admin, project, current=True)
-    second = await _deploy(admin, project, current=True)
+    first = await _deploy(admin, project, current=True, status="draining")
+    second = await _deploy(admin, project, current=True, status="active")
     await deployments.delete(admin.pool, second.id)
     rolled = await admin.ok("POST", PROJECT + "/rollback")
     assert rolled["current"]["id"] == str(first.id) and rolled["previous"] is None
@@ -251,7 +289,7 @@ async def test_routing(admin: AdminClient) -> None:
         environment_id=await _env(admin, project, "production"),
         image="x",
     )
-    await deployments.set_status(pool, broken.id, "failed", reason="never healthy")
+    await force_status(pool, broken.id, "failed", reason="never healthy")
     # Inactive, but one instance still serves until its agent stops it.
     lingering = await _deploy(admin, project, status="inactive")
     instance = await instances.create(pool, deployment_id=lingering.id, region="us-east")
