@@ -32,6 +32,9 @@ class DeploymentOut(Out):
     instances_per_region: int
     env: dict[str, str]
     failure_reason: str | None
+    regions: list[str] | None = Field(
+        description="the regions its instances run in, recorded when placement completed"
+    )
     created_at: datetime
     placing_at: datetime | None
     starting_at: datetime | None
