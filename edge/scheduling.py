@@ -186,7 +186,9 @@ class SchedulerLoop:
         try:
             async with self.pool.acquire() as conn:
                 snapshot = await load_snapshot(conn)
-                result = plan(snapshot, self.settings)
+                # In a thread: a big plan (hundreds of deployments to place) takes a second of
+                # CPU, which would stall the admin API and the leader lock's checks.
+                result = await asyncio.to_thread(plan, snapshot, self.settings)
                 if result.actions:
                     await apply_plan(conn, result.actions, self.settings, fence=fence)
         except Conflict as exc:

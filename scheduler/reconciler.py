@@ -42,6 +42,7 @@ failures of the last ten minutes only.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -266,26 +267,35 @@ class _Pass:
         # Use of each node in milli-vCPU and MiB, and replicas per deployment on it.
         self.used: dict[UUID, list[int]] = {node.id: [0, 0] for node in snapshot.nodes}
         self.replicas: dict[UUID, Counter[UUID]] = defaultdict(Counter)
+        self._placement: dict[UUID, placement.Node] = {}
         for instance in snapshot.instances:
             if instance.state in HOLDING and instance.node_id in self.used:
-                self._hold(
+                self._use(
                     instance.node_id, instance.deployment_id, instance.vcpu, instance.memory_mb
                 )
+        # The nodes as placement sees them, built when first needed and rebuilt only when
+        # their use changes: a pass that places many deployments must not copy the fleet for
+        # each one.
+        self.by_region: dict[str, list[UUID]] = defaultdict(list)
+        for node in snapshot.nodes:
+            self.by_region[node.region].append(node.id)
 
     # -- bookkeeping
 
-    def _hold(self, node_id: UUID, deployment_id: UUID, vcpu: Decimal, memory_mb: int) -> None:
+    def _use(
+        self, node_id: UUID, deployment_id: UUID, vcpu: Decimal, memory_mb: int, sign: int = 1
+    ) -> None:
         used = self.used[node_id]
-        used[0] += placement.to_millicpu(vcpu, round_up=True)
-        used[1] += memory_mb
-        self.replicas[node_id][deployment_id] += 1
+        used[0] += sign * _millicpu(vcpu)
+        used[1] += sign * memory_mb
+        self.replicas[node_id][deployment_id] += sign
+        self._placement.pop(node_id, None)
 
     def _release(self, instance: InstanceInfo) -> None:
         if instance.node_id in self.used:
-            used = self.used[instance.node_id]
-            used[0] -= placement.to_millicpu(instance.vcpu, round_up=True)
-            used[1] -= instance.memory_mb
-            self.replicas[instance.node_id][instance.deployment_id] -= 1
+            self._use(
+                instance.node_id, instance.deployment_id, instance.vcpu, instance.memory_mb, -1
+            )
 
     def emit(self, action: Action) -> None:
         self.plan.actions.append(action)
@@ -357,11 +367,8 @@ class _Pass:
         ]
         if placed:
             self.plan.actions = [a for a in self.plan.actions if a not in placed]
-            millicpu = placement.to_millicpu(d.vcpu, round_up=True)
             for action in placed:
-                self.used[action.node_id][0] -= millicpu
-                self.used[action.node_id][1] -= d.memory_mb
-                self.replicas[action.node_id][d.id] -= 1
+                self._use(action.node_id, d.id, d.vcpu, d.memory_mb, -1)
         self.move(d, target, reason)
         for instance in self.of_deployment[d.id]:
             self.stop(instance, f"deployment {target}: {reason}")
@@ -377,7 +384,7 @@ class _Pass:
         complete = self._place(d, regions)
         if complete is None:
             return  # failed on timeout
-        self._drain_replaced(d, regions)
+        self._drain_replaced(d)
         if self.status[d.id] == "placing" and complete:
             self.move(d, "starting", regions=tuple(regions))
         if self.status[d.id] == "starting":
@@ -441,34 +448,26 @@ class _Pass:
             return None
         if status not in {"placing", "starting"}:
             need = {r: n for r, n in need.items() if not self._backing_off(d, r)}
-        nodes = self._placement_nodes()
         shortfalls: list[str] = []
-        chosen: list[placement.Assignment] = []
         for region, count in need.items():
             demand = placement.Demand(str(d.id), count, d.vcpu, d.memory_mb, regions=(region,))
-            result = placement.place(nodes, demand)
-            chosen.extend(result.assignments)
+            result = placement.place(self._placement_nodes(region), demand)
             if not result.complete:
                 shortfalls.append(result.reason)
-            if result.assignments:
-                nodes = list(placement.apply_placement(nodes, demand, result))
-        for assignment in chosen:
-            node_id = UUID(assignment.node_id)
-            self.emit(
-                PlaceInstance(d.id, d.name, assignment.region, node_id, self.hostname(node_id))
-            )
-            self._hold(node_id, d.id, d.vcpu, d.memory_mb)
+            for assignment in result.assignments:
+                node_id = UUID(assignment.node_id)
+                self.emit(PlaceInstance(d.id, d.name, region, node_id, self.hostname(node_id)))
+                self._use(node_id, d.id, d.vcpu, d.memory_mb)
         if shortfalls:
             self.plan.waiting[d.id] = "; ".join(shortfalls)
         return not shortfalls
 
     def _why(self, d: DeploymentInfo, need: dict[str, int]) -> str:
         """Why ``need`` cannot be placed now (a placement's shortfall reasons)."""
-        nodes = self._placement_nodes()
         reasons = []
         for region, count in need.items():
             demand = placement.Demand(str(d.id), count, d.vcpu, d.memory_mb, regions=(region,))
-            result = placement.place(nodes, demand)
+            result = placement.place(self._placement_nodes(region), demand)
             reasons.append(result.reason or f"{region}: {count} still to place")
         return "; ".join(reasons)
 
@@ -493,41 +492,45 @@ class _Pass:
         )
         return True
 
-    def _placement_nodes(self) -> list[placement.Node]:
-        return [
-            placement.Node(
-                id=str(node.id),
-                region=node.region,
-                ready=self.node_state[node.id] == "ready",
-                vcpu=node.vcpu,
-                memory=node.memory_mb,
-                used_vcpu=Decimal(self.used[node.id][0]) / placement.MILLI,
-                used_memory=self.used[node.id][1],
-                instances_of={str(k): v for k, v in self.replicas[node.id].items() if v},
-            )
-            for node in self.nodes.values()
-        ]
+    def _placement_nodes(self, region: str) -> list[placement.Node]:
+        """The region's nodes as placement sees them now."""
+        found = []
+        for node_id in self.by_region.get(region, ()):
+            cached = self._placement.get(node_id)
+            if cached is None or cached.ready != (self.node_state[node_id] == "ready"):
+                node = self.nodes[node_id]
+                cached = self._placement[node_id] = placement.Node(
+                    id=str(node_id),
+                    region=node.region,
+                    ready=self.node_state[node_id] == "ready",
+                    vcpu=node.vcpu,
+                    memory=node.memory_mb,
+                    used_vcpu=Decimal(self.used[node_id][0]) / placement.MILLI,
+                    used_memory=self.used[node_id][1],
+                    instances_of={str(k): v for k, v in self.replicas[node_id].items() if v},
+                )
+            found.append(cached)
+        return found
 
-    def _serving(self, d: DeploymentInfo, region: str) -> int:
-        return sum(
-            1 for i in self.live(d) if i.region == region and i.serving and not self.leaving(i)
-        )
+    def _serving(self, d: DeploymentInfo) -> Counter[str]:
+        """Per region, the deployment's instances that serve and are not leaving."""
+        return Counter(i.region for i in self.live(d) if i.serving and not self.leaving(i))
 
-    def _drain_replaced(self, d: DeploymentInfo, regions: Sequence[str]) -> None:
-        for region in regions:
-            leaving = [i for i in self.live(d) if i.region == region and self.leaving(i)]
-            if leaving and self._serving(d, region) >= d.instances_per_region:
-                for instance in leaving:
-                    self.stop(
-                        instance,
-                        f"node {self.hostname(instance.node_id)} is draining; replaced",
-                    )
+    def _drain_replaced(self, d: DeploymentInfo) -> None:
+        leaving = [i for i in self.live(d) if self.leaving(i)]
+        if not leaving:
+            return
+        serving = self._serving(d)
+        for instance in leaving:
+            if serving[instance.region] >= d.instances_per_region:
+                self.stop(instance, f"node {self.hostname(instance.node_id)} is draining; replaced")
 
     def _check_healthy(self, d: DeploymentInfo, regions: Sequence[str]) -> None:
+        serving = self._serving(d)
         short = [
-            (region, self._serving(d, region))
+            (region, serving[region])
             for region in regions
-            if self._serving(d, region) < d.instances_per_region
+            if serving[region] < d.instances_per_region
         ]
         if not short:
             self.move(d, "healthy")
@@ -579,6 +582,13 @@ class _Pass:
             if self.node_state[node.id] == "draining" and node.id not in busy:
                 self.emit(MarkNodeDrained(node.id, node.hostname))
                 self.node_state[node.id] = "drained"
+
+
+@functools.lru_cache(maxsize=256)
+def _millicpu(vcpu: Decimal) -> int:
+    # Projects share a few sizes: converting each instance's Decimal anew cost a third of a
+    # steady-state pass.
+    return placement.to_millicpu(vcpu, round_up=True)
 
 
 def _order(d: DeploymentInfo) -> tuple[datetime, datetime]:
