@@ -11,6 +11,7 @@ out like any other.
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -36,6 +37,7 @@ from edge.store.errors import Conflict, NotFound
 from edge.store.routes import SERVING_STATUSES
 
 api = Api()
+log = logging.getLogger("edge.admin")
 
 ENVIRONMENTS = ("production", "staging")
 
@@ -525,9 +527,12 @@ async def _roll_back(pool: Any, environment_id: UUID, where: str) -> tuple[Any, 
             await deployments.transition(conn, previous.id, "draining", "active")
             if current and current.status == "active":
                 await deployments.transition(conn, current.id, "active", "draining")
-            return await environments.swap_current(conn, env.id), False
+            env = await environments.swap_current(conn, env.id)
+            log.info("rollback of %s: deployment %s is current again", where, previous.nanoid)
+            return env, False
         if previous.status == "inactive":
             await deployments.transition(conn, previous.id, "inactive", "placing")
+            log.info("rollback of %s: deployment %s starts again", where, previous.nanoid)
             return env, True
         if previous.status in ("pending", "placing", "starting", "healthy"):
             return env, True  # restarting already, from an earlier rollback

@@ -74,6 +74,8 @@ ADDED_ALERTS = {
     "NodeAgentUnhealthy",
     "DatabaseLatencyHigh",
     "RoutingTableStale",
+    "SchedulerFailing",
+    "DeploymentsWaiting",
 }
 
 # Metrics the alert rules use (histograms by their _bucket series), by where they stand:
@@ -83,6 +85,7 @@ EXPORTED = {
     "zeitwork_admin_request_duration_seconds_bucket",
     "zeitwork_database_latency_seconds",
     "zeitwork_routing_table_age_seconds",
+    "zeitwork_scheduler_waiting_deployments",
 }
 # PENDING: being added to the edge (the issue's metrics work) or coming with the node agent
 # (zeitwork_instance_boot_seconds, the agent's boot-time histogram, later issue); checked only
@@ -92,9 +95,15 @@ PENDING = {
     "zeitwork_nodes",
     "zeitwork_deployment_success_ratio",
     "zeitwork_instance_boot_seconds_bucket",
+    # Counted once the edge has led a pass.
+    "zeitwork_scheduler_passes_total",
 }
 # Labels the rules select on, per metric.
-RULE_LABELS = {"http_requests_total": "status", "zeitwork_nodes": "state"}
+RULE_LABELS = {
+    "http_requests_total": "status",
+    "zeitwork_nodes": "state",
+    "zeitwork_scheduler_passes_total": "result",
+}
 # Prometheus's own series (`up`), no exporter's.
 BUILTIN = {"up"}
 
