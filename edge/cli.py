@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from edge import __version__
+from agent.cli import add_agent_command, agent_command
+from edge import __version__, up
 from edge.config import ConfigError, EdgeConfig, ProxyLimits, parse_networks
 from edge.ratelimit import RateLimit
 from edge.routing import FileRouteProvider, RoutesError
@@ -227,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--retries", type=int, default=d.retries)
     limits.add_argument("--shutdown-timeout", type=seconds, default=d.shutdown_timeout)
     add_migrate_command(commands)
+    add_agent_command(commands)
+    up.add_commands(commands)
     return parser
 
 
@@ -368,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         return Master(config, args.log_level).run()
     if args.command == "migrate":
         return migrate_command(args, parser)
+    if args.command == "agent":
+        return agent_command(args, parser)
+    if args.command == "up":
+        return up.up_command(args)
+    if args.command == "admin-token":
+        return up.admin_token_command(args)
     parser.error(f"unknown command {args.command}")
 
 

@@ -26,6 +26,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # installed with schemathesis, no stubs
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.cli import agent_config
 from edge.cli import build_parser
 from edge.config import ProxyLimits
 from tests.admin.process import running_edge
@@ -353,8 +354,25 @@ def test_node_agent_unit() -> None:
     assert service["Restart"] == "always"
     assert service["KillMode"] == "process"
     command = shlex.split(service["ExecStart"])
-    # `zeitwork agent` itself comes with the agent's issue; its options cannot be checked yet.
     assert command[:2] == [BINARY, "agent"]
+    # The example environment file gives what `zeitwork agent` needs, as it reads it.
+    example = (SYSTEMD / "node-agent.env.example").read_text()
+    settings = dict(
+        line.split("=", 1) for line in example.splitlines() if line and not line.startswith("#")
+    )
+    assert set(settings) == {
+        "ZEITWORK_OPERATOR_URL",
+        "ZEITWORK_REGION",
+        "ZEITWORK_BOOTSTRAP_TOKEN",
+    }
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in settings.items():
+            env.setenv(name, value)
+        args = build_parser().parse_args(["agent"])
+        config = agent_config(args)
+    assert (config.operator.host, config.operator.port) == ("us-east-op-1", 8080)
+    assert (config.region, config.bootstrap_token) == ("us-east", "CHANGE-ME")
+    assert config.metrics_port == 8081  # the port prometheus.yml scrapes
 
 
 @pytest.mark.needs_tool("systemd-analyze")
