@@ -462,8 +462,23 @@ class Agent:
         instance = Instance(spec, a["health_check_path"])
         self.instances[spec.instance_id] = instance
         instance.task = asyncio.create_task(
-            self._supervise(instance), name=f"instance-{spec.instance_id}"
+            self._guarded(instance), name=f"instance-{spec.instance_id}"
         )
+
+    async def _guarded(self, instance: Instance) -> None:
+        """Supervise; a failure of the agent's own (a bug, an unexpected OS error) fails the
+        instance with the reason instead of leaving it unsupervised."""
+        try:
+            await self._supervise(instance)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            instance_id = instance.spec.instance_id
+            log.exception("instance %s: supervision failed", instance_id)
+            with contextlib.suppress(Exception):
+                await self.runtime.stop(instance_id, self.config.stop_grace)
+            self.instances.pop(instance_id, None)
+            self._report(instance_id, "failed", message=f"agent error: {exc!r}"[:MAX_MESSAGE])
 
     def _begin_stop(self, instance_id: str, *, report: bool = True) -> None:
         instance = self.instances.get(instance_id)
