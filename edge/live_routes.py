@@ -11,6 +11,9 @@ worker's table current:
   reload, and a change waits at most the window plus one reload;
 - a full reload on a timer (30 s by default) covers notifications lost in any way (a
   trigger disabled, a notification queue overflow, a bug);
+- with HTTPS on, the worker's certificates follow the ``certificates`` table the same way
+  (:class:`~edge.tls.DatabaseCertificates`): a notification from that table reloads the
+  certificates only, any other the routing table only, the timer both;
 - if the database goes away, the worker keeps serving its last table ("stale beats down"),
   :meth:`LiveRoutes.table_age` grows, and the updater reconnects with capped, jittered
   exponential backoff, reloading at once when it is back (catching up on what it missed).
@@ -20,7 +23,7 @@ The request path never touches any of this: it reads ``worker.routes``, which
 
 Limits: each reload compiles the whole table (no deltas), on the worker's own event loop;
 that is tens of milliseconds for tens of thousands of hosts, and it is what keeps the
-updater simple and self-healing. Notifications carry no data and are only a wake-up.
+updater simple and self-healing. Notifications carry only the changed table's name.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from edge.store.routes import load_routes
 log = logging.getLogger("edge.live_routes")
 
 CHANNEL = "zeitwork_routes"
+# The payload of a change to the certificates (every other table feeds the routing table).
+CERTIFICATES = "certificates"
 
 # While the database stays down, how often the log says so again (seconds).
 REMINDER_INTERVAL = 60.0
@@ -97,6 +102,12 @@ class RoutesTarget(Protocol):
     def install(self, table: RoutingTable) -> None: ...
 
 
+class CertificatesTarget(Protocol):
+    """What follows the certificates table (a :class:`~edge.tls.DatabaseCertificates`)."""
+
+    async def reload(self, conn: Any) -> None: ...
+
+
 class _ConnectionLost(Exception):
     """The listening connection was closed under us (its termination listener ran)."""
 
@@ -113,9 +124,11 @@ class LiveRoutes:
         reload_interval: float = 30.0,
         backoff_min: float = 0.1,
         backoff_max: float = 5.0,
+        certificates: CertificatesTarget | None = None,
     ) -> None:
         self.target = target
         self.provider = provider
+        self.certificates = certificates
         self.debounce = debounce
         self.reload_interval = reload_interval
         self.backoff_min = backoff_min
@@ -134,7 +147,10 @@ class LiveRoutes:
         self._task: asyncio.Task[None] | None = None
         self._conn: Any = None
         self._wake = asyncio.Event()
+        # Something to reload (debounced), and which: the routing table, the certificates.
         self._dirty = False
+        self._dirty_routes = False
+        self._dirty_certificates = False
         self._dirty_since = 0.0
         self._lost = False
         self._down_since: float | None = None
@@ -189,7 +205,7 @@ class LiveRoutes:
 
     def request_reload(self) -> None:
         """Reload soon (SIGHUP), through the same debounce as a notification."""
-        self._mark_dirty()
+        self._mark_dirty(routes=True, certificates=True)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -220,7 +236,7 @@ class LiveRoutes:
         # waiting for the timer.
         await conn.add_listener(CHANNEL, self._on_notify)
         self._dirty = False
-        await self._reload(conn)
+        await self._reload(conn, routes=True, certificates=True)
         await self._follow(conn)
 
     async def _follow(self, conn: Any) -> None:
@@ -241,13 +257,24 @@ class LiveRoutes:
                     async with asyncio.timeout(next_full - now):
                         await self._wake.wait()
                 continue
-            await self._reload(conn)
-            next_full = loop.time() + self.reload_interval
+            routes = certificates = True
+            if self._dirty:
+                routes, certificates = self._dirty_routes, self._dirty_certificates
+            await self._reload(conn, routes=routes, certificates=certificates)
+            if routes and (certificates or self.certificates is None):
+                # That was a full reload; one of the routes alone must not postpone the
+                # certificates' (route changes can come more often than the period).
+                next_full = loop.time() + self.reload_interval
 
-    async def _reload(self, conn: Any) -> None:
+    async def _reload(self, conn: Any, *, routes: bool, certificates: bool) -> None:
         # Cleared before the query: a change notified while it runs may be missing from its
         # snapshot, so it must cause one more reload.
-        self._dirty = False
+        self._dirty = self._dirty_routes = self._dirty_certificates = False
+        if certificates and self.certificates is not None:
+            # Before the first table: a worker listens for HTTPS once both are in.
+            await self.certificates.reload(conn)
+        if not routes:
+            return
         started = self._loop.time()
         table = await self.provider.load_from(conn)
         self.target.install(table)
@@ -274,9 +301,14 @@ class LiveRoutes:
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: object) -> None:
         self.notifications += 1
-        self._mark_dirty()
+        if payload == CERTIFICATES:
+            self._mark_dirty(certificates=True)
+        else:
+            self._mark_dirty(routes=True)
 
-    def _mark_dirty(self) -> None:
+    def _mark_dirty(self, *, routes: bool = False, certificates: bool = False) -> None:
+        self._dirty_routes |= routes
+        self._dirty_certificates |= certificates
         if not self._dirty:
             self._dirty = True
             self._dirty_since = self._loop.time()

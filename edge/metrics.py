@@ -45,9 +45,15 @@ CONNECT, CONNECT_TIMEOUT, RESET, TIMEOUT, PROTOCOL = range(len(UPSTREAM_ERRORS))
 # Who a request was refused for (label ``scope`` of zeitwork_rate_limited_total).
 RATE_LIMIT_SCOPES = ("client", "project")
 STATUSES = 600
+# Why a TLS handshake failed (label ``reason`` of zeitwork_tls_handshake_failures_total):
+# it ran out of time, broke the protocol (an old version, no shared cipher, plain HTTP ...),
+# named a host the edge has no certificate for (and there is no default), or the client left.
+TLS_FAILURES = ("timeout", "protocol", "no_certificate", "closed", "other")
+TLS_TIMEOUT, TLS_PROTOCOL, TLS_NO_CERTIFICATE, TLS_CLOSED, TLS_OTHER = range(len(TLS_FAILURES))
 
 # The shared block: [statuses][request buckets][request sum][upstream buckets][upstream sum]
-# [upstream errors][retries][rate limited][open connections][routing table hosts]
+# [upstream errors][retries][rate limited][TLS handshakes][TLS failures][open connections]
+# [routing table hosts]
 _NB = len(LATENCY_BUCKETS) + 1
 _REQ = STATUSES
 _REQ_SUM = _REQ + _NB
@@ -56,7 +62,9 @@ _UP_SUM = _UP + _NB
 _ERR = _UP_SUM + 1
 _RETRIES = _ERR + len(UPSTREAM_ERRORS)
 _LIMITED = _RETRIES + 1
-_OPEN = _LIMITED + len(RATE_LIMIT_SCOPES)
+_TLS = _LIMITED + len(RATE_LIMIT_SCOPES)
+_TLS_FAILED = _TLS + 1
+_OPEN = _TLS_FAILED + len(TLS_FAILURES)
 _HOSTS = _OPEN + 1
 SIZE = _HOSTS + 1
 # Gauges are not carried over from a dead worker.
@@ -73,6 +81,8 @@ class ProxyMetrics:
         "request_sum",
         "retries",
         "statuses",
+        "tls_failures",
+        "tls_handshakes",
         "upstream_buckets",
         "upstream_sum",
     )
@@ -86,6 +96,8 @@ class ProxyMetrics:
         self.errors = [0] * len(UPSTREAM_ERRORS)
         self.retries = 0
         self.limited = [0] * len(RATE_LIMIT_SCOPES)
+        self.tls_handshakes = 0
+        self.tls_failures = [0] * len(TLS_FAILURES)
 
     def request_done(self, status: int, seconds: float) -> None:
         """A response was sent with ``status``, ``seconds`` after the request began."""
@@ -110,7 +122,9 @@ class ProxyMetrics:
         block[_UP_SUM] = self.upstream_sum
         block[_ERR:_RETRIES] = self.errors
         block[_RETRIES] = self.retries
-        block[_LIMITED:_OPEN] = self.limited
+        block[_LIMITED:_TLS] = self.limited
+        block[_TLS] = self.tls_handshakes
+        block[_TLS_FAILED:_OPEN] = self.tls_failures
         block[_OPEN] = open_connections
         block[_HOSTS] = hosts
 
@@ -179,6 +193,17 @@ class ProxyCollector:
         for i, scope in enumerate(RATE_LIMIT_SCOPES):
             limited.add_metric([scope], total[_LIMITED + i])
         yield limited
+        yield CounterMetricFamily(
+            "zeitwork_tls_handshakes_total", "TLS handshakes completed.", value=total[_TLS]
+        )
+        failures = CounterMetricFamily(
+            "zeitwork_tls_handshake_failures_total",
+            "TLS handshakes that failed, by reason.",
+            labels=["reason"],
+        )
+        for i, reason in enumerate(TLS_FAILURES):
+            failures.add_metric([reason], total[_TLS_FAILED + i])
+        yield failures
         yield GaugeMetricFamily(
             "zeitwork_open_connections", "Open client connections.", value=total[_OPEN]
         )

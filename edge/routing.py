@@ -55,6 +55,12 @@ class RoutingTable:
     # The rate limit of each host whose project has one (the database knows them; the
     # routes file does not).
     limits: Mapping[str, ProjectLimit] = field(default_factory=dict)
+    # HSTS max-age (seconds) of each host whose project sets one (database only).
+    hsts: Mapping[str, int] = field(default_factory=dict)
+    # ACME HTTP-01 challenges the edge answers on plain HTTP: token -> (key authorization,
+    # expiry as a Unix time). None: the source has none (a routes file), and challenge paths
+    # are proxied like any other.
+    challenges: Mapping[str, tuple[str, float]] | None = None
 
     def __len__(self) -> int:
         return len(self.routes)

@@ -59,6 +59,8 @@ IMAGE_TEMPLATE = re.compile(r"([!-z|~]|\{(" + "|".join(IMAGE_PLACEHOLDERS) + r")
 MAX_RATE = 1_000_000
 MAX_MEMORY_MB = 1 << 30
 MAX_VCPU = 4096
+# Two years: the schema's bound, and what HSTS preload lists ask for at most.
+MAX_HSTS_AGE = 63_072_000
 CENT = Decimal("0.01")
 
 
@@ -108,6 +110,17 @@ def _unset() -> Any:
     return Field(default=None, json_schema_extra=_drop_default)
 
 
+HstsMaxAge = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=MAX_HSTS_AGE,
+        description="Strict-Transport-Security max-age (seconds) that the edge adds to the "
+        "project's HTTPS responses unless the app sets its own; 0 tells browsers to forget it",
+    ),
+]
+
+
 class ResourcesIn(Strict):
     vcpu: Vcpu = 1.0
     memory: MemoryMb = 512
@@ -140,6 +153,7 @@ class ProjectIn(Strict):
     image_template: ImageTemplate | None = Field(
         default=None, description="null: the platform's template"
     )
+    hsts_max_age: HstsMaxAge | None = Field(default=None, description="null: no HSTS header")
 
 
 class ProjectPatch(Strict):
@@ -157,6 +171,7 @@ class ProjectPatch(Strict):
         description="replaces the whole limit; null: no limit",
     )
     image_template: ImageTemplate | None = _unset()
+    hsts_max_age: HstsMaxAge | None = _unset()
 
 
 class ProjectFilter(QueryModel):
@@ -185,6 +200,7 @@ class ProjectOut(Out):
     health_check_path: str
     rate_limit: RateLimitOut | None
     image_template: str | None
+    hsts_max_age: int | None = Field(description="seconds; null: no HSTS header")
     created_at: datetime
     updated_at: datetime
 
@@ -291,6 +307,7 @@ def project_out(project: projects.Project) -> dict[str, Any]:
         "health_check_path": project.health_check_path,
         "rate_limit": rate_limit,
         "image_template": project.image_template,
+        "hsts_max_age": project.hsts_max_age,
         "created_at": project.created_at,
         "updated_at": project.updated_at,
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from time import perf_counter as _clock
 from typing import TYPE_CHECKING, cast
@@ -27,6 +28,7 @@ from edge.proxy.http import (
     connection_options,
     drop_fields,
     error_response,
+    https_location,
 )
 
 if TYPE_CHECKING:
@@ -90,6 +92,7 @@ class Exchange:
         "head",
         "head_sent",
         "host",
+        "hsts",
         "is_head",
         "keep_alive",
         "method",
@@ -125,6 +128,8 @@ class Exchange:
         self.upgrade = False
         self.error: RequestRejected | None = None
         self.route: Route | None = None
+        # The route's Strict-Transport-Security line, on HTTPS (b"": none to add).
+        self.hsts = b""
         self.upstream: UpstreamConnection | None = None
         self.request_id = b""
         self.attempts = 0
@@ -159,6 +164,7 @@ class ClientConnection(asyncio.Protocol):
         "peer",
         "queue",
         "special",
+        "tls",
         "transport",
         "trusted",
         "tunnel",
@@ -168,8 +174,10 @@ class ClientConnection(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, worker: ProxyWorker) -> None:
+    def __init__(self, worker: ProxyWorker, *, tls: bool = False) -> None:
         self.worker = worker
+        # Whether the connection came in on the HTTPS listener (TLS terminated below us).
+        self.tls = tls
         self.limits = worker.limits
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -206,7 +214,7 @@ class ClientConnection(asyncio.Protocol):
         self.trusted = self.worker.is_trusted(ip)
         self.forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: " % (
             self.peer,
-            self.worker.scheme,
+            b"https" if self.tls else b"http",
         )
         transport.set_write_buffer_limits(high=self.limits.write_high_water)
         self.worker.clients.add(self)
@@ -413,12 +421,25 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse(ex, limiter, client, wait, host=host, body=has_body, scope=0)
                 return
 
+        # Plain HTTP: redirected to HTTPS, or an ACME challenge answered from the table.
+        if (
+            not self.tls
+            and (
+                worker.https_redirect is not None
+                or (worker.challenges is not None and target.startswith(ACME_CHALLENGE))
+            )
+            and self._plain_http(ex, target, host, has_body)
+        ):
+            return
+
         name = host.lower()
         if b":" in name and name[-1:].isdigit():
             name = name.rpartition(b":")[0]
         route = worker.routes.get(name)
         if route is None:
             route = worker.routes.get(name.rstrip(b"."))
+        if route is not None and self.tls:
+            ex.hsts = route.hsts
         if route is None or not route.pools:
             status, message = (404, "no such host") if route is None else (503, "no instances")
             # Without a body the connection can stay: nothing is left unread.
@@ -455,7 +476,7 @@ class ClientConnection(asyncio.Protocol):
                 b"X-Forwarded-For: ",
                 xff + b", " + self.peer if trusted and xff else self.peer,
                 b"\r\nX-Forwarded-Proto: ",
-                xfp if trusted and xfp else worker.scheme,
+                xfp if trusted and xfp else (b"https" if self.tls else b"http"),
                 b"\r\nX-Forwarded-Host: ",
                 xfh if trusted and xfh else host,
                 b"\r\nX-Request-Id: ",
@@ -479,6 +500,41 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.deadline = INF
         self._submit(ex)
+
+    def _plain_http(self, ex: Exchange, target: bytes, host: bytes, has_body: bool) -> bool:
+        """Answer a plain HTTP request that is not proxied: an ACME challenge (from the
+        routing table), or, while HTTPS is on, a redirect to it. False: proxy it."""
+        worker = self.worker
+        if target.startswith(ACME_CHALLENGE):
+            challenges = worker.challenges
+            if challenges is None:
+                return False  # no challenges from a routes file: the app may answer its own
+            token = target[len(ACME_CHALLENGE) :].partition(b"?")[0]
+            found = challenges.get(token)
+            if found is not None and found[1] > time.time():
+                answer = RequestRejected(
+                    200, "", close=has_body, body=found[0], content_type=b"text/plain"
+                )
+            else:
+                answer = RequestRejected(404, "no such ACME challenge", close=has_body)
+        elif worker.https_redirect is None:
+            return False
+        else:
+            location = https_location(host, target, worker.https_redirect)
+            if location is None:
+                raise RequestRejected(400, "invalid Host header")
+            answer = RequestRejected(
+                308,
+                location.decode("latin-1"),
+                close=has_body,
+                extra=b"Location: " + location + b"\r\n",
+            )
+        if has_body:
+            raise answer  # the body is left unread: the connection closes after the answer
+        ex.error = answer
+        ex.request_done = True
+        self._submit(ex)
+        return True
 
     def _refuse(
         self,
@@ -668,6 +724,8 @@ class ClientConnection(asyncio.Protocol):
             extra = b"Retry-After: 5\r\n"
         elif error.status == 405:
             extra = b"Allow: " + ALLOWED_METHODS + b"\r\n"
+        if ex.hsts:
+            extra += ex.hsts
         self.write(
             error_response(
                 error.status,
@@ -677,6 +735,8 @@ class ClientConnection(asyncio.Protocol):
                 request_id=ex.request_id,
                 extra=extra,
                 head_only=ex.is_head,
+                body=error.body,
+                content_type=error.content_type,
             )
         )
         ex.keep_alive = not close

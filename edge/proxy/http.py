@@ -65,15 +65,50 @@ def reason(status: int) -> bytes:
         return b""
 
 
-# Paths of ACME HTTP-01 challenges: never rate limited.
+# Paths of ACME HTTP-01 challenges: never rate limited, never redirected to HTTPS.
 ACME_CHALLENGE = b"/.well-known/acme-challenge/"
+
+# What a Host may hold for a redirect to be built from it: a name or IPv4 address, or an
+# IPv6 literal in brackets; then a port, which the redirect drops.
+_NAME_BYTES = b"abcdefghijklmnopqrstuvwxyz0123456789-."
+_IPV6_BYTES = b"0123456789abcdef:."
+
+
+def https_location(host: bytes, target: bytes, port_suffix: bytes) -> bytes | None:
+    """``https://<host><port_suffix><target>`` for a plain HTTP request to ``host`` (its port
+    dropped); None when the Host is not a plain host name or address."""
+    name = host.lower()
+    if name[:1] == b"[":
+        literal, bracket, port = name[1:].partition(b"]")
+        if not bracket or not literal or literal.translate(None, _IPV6_BYTES):
+            return None
+        if port and not (port[:1] == b":" and port[1:].isdigit()):
+            return None
+        name = b"[" + literal + b"]"
+    else:
+        name, colon, port = name.partition(b":")
+        if colon and not port.isdigit():
+            return None
+        if not name or name.translate(None, _NAME_BYTES) or name[:1] in (b".", b"-"):
+            return None
+    if target[:1] != b"/":
+        target = b"/"  # OPTIONS *
+    return b"https://" + name + port_suffix + target
 
 
 class RequestRejected(Exception):
-    """A request the proxy answers itself with ``status`` instead of forwarding it."""
+    """A request the proxy answers itself with ``status`` instead of forwarding it (mostly
+    refusals; also a redirect to HTTPS and an ACME challenge's answer)."""
 
     def __init__(
-        self, status: int, message: str, *, close: bool = True, extra: bytes = b""
+        self,
+        status: int,
+        message: str,
+        *,
+        close: bool = True,
+        extra: bytes = b"",
+        body: bytes | None = None,
+        content_type: bytes = b"",
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -81,6 +116,9 @@ class RequestRejected(Exception):
         self.close = close
         # Header lines of the answer besides the usual ones (a 429's Retry-After ...).
         self.extra = extra
+        # The exact body and its type, instead of the short page naming status and message.
+        self.body = body
+        self.content_type = content_type
 
 
 def error_response(
@@ -92,15 +130,20 @@ def error_response(
     request_id: bytes = b"",
     extra: bytes = b"",
     head_only: bool = False,
+    body: bytes | None = None,
+    content_type: bytes = b"",
 ) -> bytes:
-    """A small plain-text response the proxy writes itself (404, 502, 503 ...)."""
+    """A small plain-text response the proxy writes itself (404, 502, 503 ...), or with
+    ``body`` of ``content_type`` (an ACME challenge's key authorization)."""
     phrase = reason(status)
-    body = b"%d %s\n%s\n" % (status, phrase, message.encode("utf-8", "replace"))
+    if body is None:
+        body = b"%d %s\n%s\n" % (status, phrase, message.encode("utf-8", "replace"))
     parts = [
         b"HTTP/1.1 %d %s\r\n" % (status, phrase),
         b"Server: zeitwork\r\nDate: ",
         date,
-        b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),
+        b"\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+        % (content_type or b"text/plain; charset=utf-8", len(body)),
         b"Connection: close\r\n" if close else b"",
         b"X-Request-Id: " + request_id + b"\r\n" if request_id else b"",
         extra,

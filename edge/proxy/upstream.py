@@ -42,6 +42,7 @@ _R_CONNECTION = 3
 _R_CONTENT_LENGTH = 4
 _R_VIA = 5
 _R_UPGRADE = 6
+_R_HSTS = 7
 RESPONSE_SPECIAL = {
     **dict.fromkeys(HOP_BY_HOP, _R_DROP),
     b"connection": _R_CONNECTION,
@@ -49,6 +50,7 @@ RESPONSE_SPECIAL = {
     b"upgrade": _R_UPGRADE,
     b"content-length": _R_CONTENT_LENGTH,
     b"via": _R_VIA,
+    b"strict-transport-security": _R_HSTS,
 }
 
 MAX_RESPONSE_HEAD = 64 * 1024
@@ -165,6 +167,7 @@ class UpstreamConnection(asyncio.Protocol):
         "deadline",
         "ex",
         "got_bytes",
+        "has_hsts",
         "head_size",
         "headers",
         "headers_done",
@@ -212,6 +215,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason = b""
         self.head_size = 0
         self.headers_done = False
+        # The instance set its own Strict-Transport-Security: the edge adds none.
+        self.has_hsts = False
 
     # -- transport callbacks -------------------------------------------------------------
 
@@ -343,6 +348,9 @@ class UpstreamConnection(asyncio.Protocol):
         elif code == _R_CONTENT_LENGTH:
             self.content_length = value
             self.headers += (name, b": ", value, b"\r\n")
+        elif code == _R_HSTS:
+            self.has_hsts = True
+            self.headers += (name, b": ", value, b"\r\n")
         else:
             self.special.append((code, name, value))
 
@@ -372,6 +380,8 @@ class UpstreamConnection(asyncio.Protocol):
             parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade or b"", b"\r\n\r\n")
             self.out.append(b"".join(parts))
             return
+        if ex.hsts and not self.has_hsts:
+            parts.append(ex.hsts)
         if ex.upgrade or not ex.request_done:
             # The client's parser handed its connection over to the upgrade, or the rest of
             # the request body would have to be drained: either way this connection ends here.
@@ -450,6 +460,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.reason = b""
             self.head_size = 0
             self.headers_done = False
+            self.has_hsts = False
             return
         ex = self.ex
         if ex is None or ex.finished:

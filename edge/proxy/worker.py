@@ -26,6 +26,7 @@ from edge.proxy.client import ClientConnection
 from edge.proxy.upstream import UpstreamConnection, UpstreamPool
 from edge.ratelimit import Limiter, LogThrottle, RateLimit
 from edge.routing import Address, RouteProvider, RoutesError, RoutingTable
+from edge.tls import CertificateStore, TlsServer
 
 log = logging.getLogger("edge.worker")
 
@@ -42,13 +43,15 @@ class Route:
     until its ejection ends, unless every instance is ejected.
     """
 
-    __slots__ = ("host", "limiter", "local", "pools", "remote")
+    __slots__ = ("host", "hsts", "limiter", "local", "pools", "remote")
 
     def __init__(self, host: str, pools: list[UpstreamPool], region: str = "") -> None:
         self.host = host
         self.pools = pools
         # The project's rate limit, shared by all its hosts (None: not limited).
         self.limiter: Limiter | None = None
+        # The Strict-Transport-Security line of its HTTPS responses (b"": none).
+        self.hsts = b""
         if region:
             self.local = [p for p in pools if p.region == region]
             self.remote = [p for p in pools if p.region != region]
@@ -103,17 +106,26 @@ def _in_flight(pool: UpstreamPool) -> int:
 
 
 class ProxyWorker:
-    def __init__(self, config: EdgeConfig, provider: RouteProvider, *, scheme: bytes = b"http"):
+    def __init__(self, config: EdgeConfig, provider: RouteProvider):
         self.config = config
         self.limits = config.limits
         self.provider = provider
-        self.scheme = scheme
         self.loop = asyncio.get_running_loop()
         self.now = self.loop.time()
         self.date = formatdate(usegmt=True).encode()
         self.routes: dict[bytes, Route] = {}
         self.pools: dict[Address, UpstreamPool] = {}
         self.table: RoutingTable | None = None
+        # ACME HTTP-01 challenges answered on plain HTTP: token -> (key authorization, expiry
+        # as a Unix time); None: challenge paths are proxied (the routes file has none).
+        self.challenges: dict[bytes, tuple[bytes, float]] | None = None
+        # The certificates of the HTTPS listener (None: no HTTPS).
+        self.tls: CertificateStore | None = None
+        tls = config.tls
+        # Plain HTTP answers 308 to https://host<suffix><target> (None: it is served).
+        self.https_redirect: bytes | None = None
+        if tls.enabled and tls.redirect:
+            self.https_redirect = b"" if tls.port == 443 else b":%d" % tls.port
         # Called after each install (the process reports its table's age to the master).
         self.on_install: Callable[[], None] | None = None
         self.clients: set[ClientConnection] = set()
@@ -139,6 +151,7 @@ class ProxyWorker:
         self.request_id_prefix = os.urandom(10).hex().encode()
         self.request_count = 0
         self._server: asyncio.AbstractServer | None = None
+        self._tls_server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.Task[None] | None = None
 
     # -- routing ---------------------------------------------------------------------
@@ -173,12 +186,23 @@ class ProxyWorker:
                 route_pools.append(pool)
             routes[host.encode()] = Route(host, route_pools, region)
         self._install_limits(table, routes)
+        for host, max_age in table.hsts.items():
+            route = routes.get(host.encode())
+            if route is not None:
+                route.hsts = b"Strict-Transport-Security: max-age=%d\r\n" % max_age
         for address, pool in self.pools.items():
             if address not in pools:
                 pool.close()
         self.pools = pools
         self.routes = routes  # one reference swap: requests see the old or the new table
         self.table = table
+        if table.challenges is None:
+            self.challenges = None
+        else:
+            self.challenges = {
+                token.encode(): (key.encode(), expires)
+                for token, (key, expires) in table.challenges.items()
+            }
 
     def _install_limits(self, table: RoutingTable, routes: dict[bytes, Route]) -> None:
         """Give each host of a rate-limited project its project's limiter: a project keeps
@@ -236,10 +260,22 @@ class ProxyWorker:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self, sock: socket.socket) -> None:
+    async def start(self, sock: socket.socket, tls_sock: socket.socket | None = None) -> None:
+        """Serve plain HTTP on ``sock`` and, with ``tls_sock`` (and :attr:`tls` set), HTTPS."""
         self._server = await self.loop.create_server(
             lambda: ClientConnection(self), sock=sock, backlog=self.config.backlog
         )
+        if tls_sock is not None:
+            assert self.tls is not None, "HTTPS needs the worker's certificates"
+            factory = TlsServer(
+                self.tls,
+                lambda: ClientConnection(self, tls=True),
+                self.metrics,
+                handshake_timeout=self.limits.tls_handshake_timeout,
+            )
+            self._tls_server = await self.loop.create_server(
+                factory, sock=tls_sock, backlog=self.config.backlog
+            )
         self._ticker = self.loop.create_task(self._tick())
 
     async def _tick(self) -> None:
@@ -285,8 +321,9 @@ class ProxyWorker:
         if grace is None:
             grace = self.limits.shutdown_timeout
         self.shutting_down = True
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.close()
         for client in list(self.clients):
             client.shutdown()
         deadline = self.loop.time() + grace
@@ -302,8 +339,9 @@ class ProxyWorker:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                await server.wait_closed()
         # Let transports run their connection_lost callbacks.
         await asyncio.sleep(0)
         self.publish_metrics()

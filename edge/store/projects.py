@@ -1,4 +1,5 @@
-"""Projects: an org's app -- its GitHub repo, resources, app port, health check, rate limit.
+"""Projects: an org's app -- its GitHub repo, resources, app port, health check, rate limit,
+HSTS.
 
 ``(org, name)`` is unique; both appear in the deployment hosts
 (``<name>-<nanoid>-<org>.<apps domain>``), hence the lower-case DNS-label checks.
@@ -32,6 +33,7 @@ SETTINGS = frozenset(
         "rate_limit_rps",
         "rate_limit_burst",
         "image_template",
+        "hsts_max_age",
     }
 )
 
@@ -53,6 +55,8 @@ class Project:
     image_template: str | None
     created_at: datetime
     updated_at: datetime
+    # Strict-Transport-Security max-age (seconds) of its HTTPS responses; None: no header.
+    hsts_max_age: int | None
 
 
 def _check_settings(settings: dict[str, Any]) -> None:

@@ -43,6 +43,7 @@ async def test_guide_create_list_get_patch(admin: AdminClient) -> None:
     assert created["resources"] == {"vcpu": 2, "memory": 1024}
     assert created["app_port"] == 3000 and created["health_check_path"] == "/"
     assert created["rate_limit"] is None and created["image_template"] is None
+    assert created["hsts_max_age"] is None
     assert created["environments"] == [
         {
             "name": "production",
@@ -146,6 +147,9 @@ async def test_create_defaults_and_every_setting(admin: AdminClient) -> None:
         ({"rate_limit": 10}, "rate_limit"),
         ({"image_template": "ghcr.io/{owner}/x"}, "image_template"),
         ({"image_template": "ghcr.io/{org"}, "image_template"),
+        ({"hsts_max_age": -1}, "hsts_max_age"),
+        ({"hsts_max_age": 63072001}, "hsts_max_age"),
+        ({"hsts_max_age": "1y"}, "hsts_max_age"),
         ({"colour": "blue"}, "colour"),
         # Deployment hosts are <name>-<nanoid>-<org>: one DNS label of at most 63.
         ({"name": "n" * 30, "org": "o" * 30}, "name"),
@@ -249,6 +253,20 @@ async def test_patch_is_partial(admin: AdminClient) -> None:
     assert stored.branch == "develop"
 
 
+@pytest.mark.asyncio
+async def test_hsts_max_age_is_set_changed_and_cleared(admin: AdminClient) -> None:
+    created = await _create(admin, hsts_max_age=31536000)
+    assert created["hsts_max_age"] == 31536000
+    assert (await admin.ok("PATCH", PROJECT, {"hsts_max_age": 0}))["hsts_max_age"] == 0
+    kept = await admin.ok("PATCH", PROJECT, {"branch": "develop"})
+    assert kept["hsts_max_age"] == 0
+    cleared = await admin.ok("PATCH", PROJECT, {"hsts_max_age": None})
+    assert cleared["hsts_max_age"] is None
+    assert (await projects.get_by_name(admin.pool, "acme", "webapp")).hsts_max_age is None
+    listed = await admin.ok("GET", "/api/v1/projects")
+    assert listed[0]["hsts_max_age"] is None
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -260,6 +278,7 @@ async def test_patch_is_partial(admin: AdminClient) -> None:
         ({"resources": {"memory": "1G"}}, "resources.memory"),
         ({"app_port": None}, "app_port"),
         ({"app_port": 99999}, "app_port"),
+        ({"hsts_max_age": 1.5}, "hsts_max_age"),
         ({"name": "renamed"}, "name"),
         ({"org": "other"}, "org"),
         ({"color": "red"}, "color"),

@@ -45,7 +45,7 @@ class Following:
 
 
 @contextlib.asynccontextmanager
-async def following(database_url: str, **options: float) -> AsyncIterator[Following]:
+async def following(database_url: str, **options: Any) -> AsyncIterator[Following]:
     """A proxy worker on a free loopback port whose table follows ``database_url``."""
     config = EdgeConfig(database_url=database_url, http_host=HOST, http_port=1, workers=1)
     provider = PostgresRouteProvider(database_url, APPS)

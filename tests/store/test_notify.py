@@ -22,6 +22,15 @@ CHANGES: dict[str, Change] = {
     ),
     "instances": lambda db, s: instances.set_health(db, s["instance"].id, True),
     "domains": lambda db, s: domains.record_check(db, s["domain"].id, verified=True, pointing=True),
+    # What the HTTPS listener serves, and the ACME challenges that plain HTTP answers.
+    "certificates": lambda db, s: db.execute(
+        "INSERT INTO certificates (domain, cert_pem, key_encrypted, not_before, not_after)"
+        " VALUES ('app.customer.org', 'pem', 'key', now(), now() + interval '1 day')"
+    ),
+    "acme_challenges": lambda db, s: db.execute(
+        "INSERT INTO acme_challenges (token, key_authorization, domain, expires_at)"
+        " VALUES ('token', 'token.key', 'app.customer.org', now() + interval '1 minute')"
+    ),
 }
 
 
