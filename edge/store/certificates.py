@@ -1,6 +1,8 @@
 """TLS certificates per domain: the PEM chain and the private key, encrypted by the caller.
 
-One certificate per domain; storing a renewed one replaces it.
+One certificate per domain; storing a renewed one replaces it. The ACME loop
+(:mod:`edge.acme`) stores them with the key encrypted by :func:`edge.secrets.encrypt`;
+removing a domain removes its certificate (:func:`edge.store.domains.delete`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from edge.store.db import create_pool
 # Every table but schema_migrations; CASCADE follows the foreign keys.
 TABLES = (
     "regions, nodes, projects, environments, deployments, instances, domains, certificates,"
-    " acme_challenges, github_webhooks, github_deliveries, instance_logs, audit_log"
+    " acme_challenges, acme_accounts, certificate_orders, github_webhooks, github_deliveries,"
+    " instance_logs, audit_log"
 )
 
 

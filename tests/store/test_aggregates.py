@@ -41,6 +41,8 @@ TABLE_OF = {
     domains.Domain: "domains",
     certificates.Certificate: "certificates",
     acme.Challenge: "acme_challenges",
+    acme.Account: "acme_accounts",
+    acme.CertificateOrder: "certificate_orders",
     github.Webhook: "github_webhooks",
     github.Delivery: "github_deliveries",
     logs.LogLine: "instance_logs",
@@ -390,6 +392,116 @@ async def test_certificates_and_acme(pool: Any) -> None:
     assert await acme.delete_expired(pool) == 1
     await acme.delete(pool, "tok")
     assert await acme.get(pool, "tok") is None
+
+
+@pytest.mark.asyncio
+async def test_acme_accounts(pool: Any) -> None:
+    url = "https://ca.test/dir"
+    assert await acme.get_account(pool, url) is None
+    account = await acme.add_account(pool, url, key_encrypted=b"first")
+    assert account.uri is None and "first" not in repr(account)
+    # A second leader racing to create it gets the first one's.
+    assert (await acme.add_account(pool, url, key_encrypted=b"second")).key_encrypted == b"first"
+    await acme.set_registration(pool, url, uri="https://ca.test/acct/1", contact="ops@x.org")
+    stored = await acme.get_account(pool, url)
+    assert stored is not None and (stored.uri, stored.contact) == (
+        "https://ca.test/acct/1",
+        "ops@x.org",
+    )
+    assert await acme.get_account(pool, "https://other.test/dir") is None
+
+
+async def _cert(pool: Any, name: str, *, lifetime: float, left: float) -> None:
+    """A certificate of ``lifetime`` days of which ``left`` days remain."""
+    now = datetime.now(UTC)
+    await certificates.store(
+        pool,
+        name,
+        cert_pem="PEM",
+        key_encrypted=b"k",
+        not_before=now - timedelta(days=lifetime - left),
+        not_after=now + timedelta(days=left),
+        issuer="CN=Test CA",
+    )
+
+
+@pytest.mark.asyncio
+async def test_certificate_orders(pool: Any) -> None:
+    project, env, _ = await _deployment(pool)
+    made = {}
+    for name in ("new.customer.org", "fresh.customer.org", "old.customer.org", "wait.customer.org"):
+        domain = await domains.create(pool, name, project_id=project.id, environment_id=env.id)
+        made[name] = await domains.record_check(pool, domain.id, verified=True, pointing=True)
+    await domains.create(
+        pool, "unverified.customer.org", project_id=project.id, environment_id=env.id
+    )
+    await _cert(pool, "fresh.customer.org", lifetime=90, left=31)  # more than a third left
+    await _cert(pool, "old.customer.org", lifetime=90, left=29)  # less than a third left
+    due = await acme.due(pool, renew_fraction=1 / 3)
+    # Without a certificate first, then the soonest expiry; never an unverified domain.
+    assert [d.name for d in due] == ["new.customer.org", "wait.customer.org", "old.customer.org"]
+    assert due[2].not_after is not None and due[0].not_after is None
+    assert [d.name for d in await acme.due(pool, renew_fraction=1 / 3, limit=1)] == [
+        "new.customer.org"
+    ]
+
+    wait = made["wait.customer.org"].id
+    started = await acme.record_attempt(pool, wait)
+    assert started is not None and started.failures == 0 and started.last_attempt_at is not None
+    await acme.record_order_url(pool, wait, "https://ca.test/order/1")
+    failed = await acme.record_failure(pool, wait, "boom", backoff=60, max_backoff=300)
+    assert failed is not None and (failed.failures, failed.last_error) == (1, "boom")
+    assert failed.order_url == "https://ca.test/order/1"
+    assert failed.next_attempt_at is not None and failed.last_attempt_at is not None
+    backoff = (failed.next_attempt_at - failed.last_attempt_at).total_seconds()
+    assert 59 < backoff < 61
+    # In its backoff: not due.
+    assert "wait.customer.org" not in [d.name for d in await acme.due(pool, renew_fraction=1 / 3)]
+    delays = []
+    for _ in range(4):
+        again = await acme.record_failure(pool, wait, "boom", backoff=60, max_backoff=300)
+        assert again is not None and again.next_attempt_at is not None
+        delays.append(round((again.next_attempt_at - datetime.now(UTC)).total_seconds() / 10) * 10)
+    assert delays == [120, 240, 300, 300]  # doubling, capped
+    assert (await acme.get_order(pool, wait)).failures == 5  # type: ignore[union-attr]
+    await pool.execute(
+        "UPDATE certificate_orders SET next_attempt_at = now() - interval '1 s'"
+        " WHERE domain_id = $1",
+        wait,
+    )
+    assert "wait.customer.org" in [d.name for d in await acme.due(pool, renew_fraction=1 / 3)]
+
+    # What the API and the metrics see.
+    views = {v.domain.name: v.certificate for v in (await domains.list_views(pool, project.id))[0]}
+    assert views["unverified.customer.org"] == domains.CertificateState()
+    assert views["new.customer.org"].status == "pending"
+    assert views["wait.customer.org"].status == "failed"
+    assert views["wait.customer.org"].last_error == "boom"
+    assert views["wait.customer.org"].failures == 5
+    fresh = views["fresh.customer.org"]
+    assert (fresh.status, fresh.issuer, fresh.failures) == ("issued", "CN=Test CA", 0)
+    assert fresh.not_after is not None and fresh.not_before is not None
+    overview = await acme.overview(pool)
+    assert (overview.issued, overview.pending, overview.failed) == (2, 1, 1)
+    assert overview.soonest_expiry is not None
+    left = (overview.soonest_expiry - datetime.now(UTC)).total_seconds()
+    assert 28.9 * 86400 < left < 29 * 86400  # old.customer.org's
+
+    # Success resets the row; the next attempt is the renewal.
+    renew_at = datetime.now(UTC) + timedelta(days=60)
+    done = await acme.record_success(pool, wait, renew_at=renew_at)
+    assert done is not None and (done.failures, done.last_error) == (0, None)
+    assert done.next_attempt_at == renew_at and done.issued_at is not None
+
+    # Removing a domain removes its certificate and its order.
+    await domains.delete(pool, made["fresh.customer.org"].id)
+    with pytest.raises(NotFound):
+        await certificates.get(pool, "fresh.customer.org")
+    await domains.delete(pool, wait)
+    assert await acme.get_order(pool, wait) is None
+    assert await acme.record_attempt(pool, wait) is None  # removed meanwhile
+    with pytest.raises(NotFound):
+        await domains.delete(pool, wait)
 
 
 @pytest.mark.asyncio
