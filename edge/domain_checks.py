@@ -3,9 +3,10 @@
 A domain stays verified once verified (its route and certificate do not flap with a DNS
 hiccup), but every ``interval`` the leader looks it up again, the same way
 ``POST .../domains/{domain}/verify`` does, and records what it found (``last_checked_at``,
-``pointing_at_edge``). A domain whose DNS no longer leads to the edge -- neither the CNAME to
-the edge host nor the TXT token -- is logged once as a warning and counted in
-``zeitwork_domains_not_pointing``, and shows ``pointing_at_edge: false`` in the API.
+``pointing_at_edge``, ``last_check_ok``). A domain whose DNS no longer leads to the edge --
+neither the CNAME to the edge host nor the TXT token -- is logged once as a warning, counted
+in ``zeitwork_domains_not_pointing``, and shows ``dns_ok: false`` in the API. Recording a
+check does not reload the edges' routing tables (migration 0006).
 
 At most ``batch`` domains per pass, the longest unchecked first, looked up a few at a time:
 a platform with many domains spreads its checks over the interval.
@@ -35,7 +36,7 @@ _DUE = (
     " ORDER BY last_checked_at NULLS FIRST, name LIMIT $2"
 )
 _NOT_POINTING = (
-    "SELECT count(*) FROM domains WHERE verified_at IS NOT NULL AND pointing_at_edge = false"
+    "SELECT count(*) FROM domains WHERE verified_at IS NOT NULL AND last_check_ok = false"
 )
 
 
@@ -98,7 +99,9 @@ class DomainChecker:
                     await self.run_once()
                 except _FAILURES as exc:
                     log.error("domain checks failed: %s", translate(exc))
-            await asyncio.sleep(period)
+                await asyncio.sleep(period)
+            else:
+                await asyncio.sleep(min(period, 2.0))  # it may take over the lock any moment
 
     async def run_once(self) -> int:
         """Check the domains that are due; how many were checked."""
@@ -117,10 +120,12 @@ class DomainChecker:
 
     async def _check(self, domain_id: UUID, name: str, token: str) -> None:
         check = await dns.check_domain(name, token, self.edge_host, nameservers=self.nameservers)
-        # Still leading to the edge by either record; a domain verified by TXT (an apex) has
-        # no CNAME to compare.
+        # Still leading to the edge by either record (a domain verified by TXT, an apex, has
+        # no CNAME to compare).
         pointing = check.verified
-        await domains.record_check(self.pool, domain_id, verified=True, pointing=pointing)
+        await domains.record_check(
+            self.pool, domain_id, verified=check.verified, pointing=check.pointing
+        )
         self.checks.labels("pointing" if pointing else "lost").inc()
         if pointing:
             if domain_id in self._lost:

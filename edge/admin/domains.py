@@ -5,8 +5,11 @@ routes to that environment's current deployment once verified. Verification is p
 DNS, either by a CNAME to the edge host or by the domain's token in the TXT record
 ``_zeitwork.<domain>``; ``POST .../verify`` looks both up now and records the result. A
 failed look-up is an answer (``verified: false`` with the reason), not an error of the API.
-Once verified, a domain stays verified: a later failed check only updates
-``pointing_at_edge`` and ``last_checked_at``.
+Once verified, a domain stays verified: a later failed check (this endpoint, or the
+leader's periodic one in :mod:`edge.domain_checks`) only updates ``pointing_at_edge``,
+``dns_ok`` and ``last_checked_at``; ``dns_ok: false`` flags a domain whose DNS moved away.
+A verified domain gets its certificate from the leader's ACME loop (:mod:`edge.acme`);
+``certificate`` in the answer says where that stands, failures and their backoff included.
 """
 
 from __future__ import annotations
@@ -93,6 +96,26 @@ class Verification(Out):
     txt: DnsRecord = Field(description="for an apex domain, or one behind another proxy")
 
 
+class CertificateOut(Out):
+    """The domain's TLS certificate, ordered with ACME by the leader once it is verified."""
+
+    status: Literal["none", "pending", "issued", "failed"] = Field(
+        description="issued: a valid certificate is served; pending: verified, waiting for"
+        " its first certificate; failed: the last order failed and no valid certificate is"
+        " left; none: not verified, so no certificate is ordered"
+    )
+    not_before: datetime | None
+    not_after: datetime | None
+    issuer: str | None
+    failures: int = Field(description="failed orders in a row (0 after a success)")
+    last_error: str | None = Field(description="why the last order failed, while failing")
+    last_attempt_at: datetime | None
+    next_attempt_at: datetime | None = Field(
+        description="after a failure, the end of its backoff; after a success, when the"
+        " renewal is due"
+    )
+
+
 class DomainOut(Out):
     id: UUID
     domain: str
@@ -107,6 +130,12 @@ class DomainOut(Out):
     pointing_at_edge: bool | None = Field(
         description="whether the last check found the CNAME to the edge host (null: never checked)"
     )
+    dns_ok: bool | None = Field(
+        description="whether the last check still found the CNAME or the TXT token; false: the "
+        "domain's DNS no longer leads to the edge (the leader checks verified domains again "
+        "every hour; null: not checked yet)"
+    )
+    certificate: CertificateOut
     created_at: datetime
 
 
@@ -130,6 +159,7 @@ def domain_out(
     view: domains.DomainView, project: projects.Project, edge_host: str
 ) -> dict[str, object]:
     d = view.domain
+    c = view.certificate
     return {
         "id": d.id,
         "domain": d.name,
@@ -145,6 +175,17 @@ def domain_out(
         "verified_at": d.verified_at,
         "last_checked_at": d.last_checked_at,
         "pointing_at_edge": d.pointing_at_edge,
+        "dns_ok": d.last_check_ok,
+        "certificate": {
+            "status": c.status,
+            "not_before": c.not_before,
+            "not_after": c.not_after,
+            "issuer": c.issuer,
+            "failures": c.failures,
+            "last_error": c.last_error,
+            "last_attempt_at": c.last_attempt_at,
+            "next_attempt_at": c.next_attempt_at,
+        },
         "created_at": d.created_at,
     }
 
@@ -263,9 +304,11 @@ async def verify_domain(call: Call) -> DomainCheckOut:
         nameservers=settings.nameservers,
     )
     try:
-        recorded = await domains.record_check(
+        await domains.record_check(
             call.ctx.pool, view.domain.id, verified=check.verified, pointing=check.pointing
         )
+        # Read again: verification changes the certificate's status too.
+        recorded = await domains.get_view(call.ctx.pool, project.id, name)
     except NotFound:
         # Deleted while DNS was being asked.
         raise not_found(f"domain {name!r}") from None
@@ -278,5 +321,5 @@ async def verify_domain(call: Call) -> DomainCheckOut:
         verified=check.verified,
         verified_by=check.verified_by,
     )
-    values = domain_out(domains.DomainView(recorded, view.environment), project, settings.edge_host)
+    values = domain_out(recorded, project, settings.edge_host)
     return DomainCheckOut.model_validate({**values, "dns": found})

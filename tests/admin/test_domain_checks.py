@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from edge.domain_checks import DomainChecker
 from edge.store import domains, environments
+from edge.store.db import connect
 from tests.admin.conftest import AdminClient
 from tests.admin.test_domains import EDGE, Zone, make_project
 from tests.admin.test_domains import zone as zone_fixture  # noqa: F401 (a fixture)
@@ -54,9 +55,10 @@ async def test_verified_domains_are_checked_again_and_a_lost_one_is_flagged(
     )
 
     assert await checker.run_once() == 2  # the verified ones only
-    for made in (by_cname, by_txt):
+    for made, cname in ((by_cname, True), (by_txt, False)):
         found = await domains.get_by_name(pool, made.name)
-        assert found.pointing_at_edge is True and found.last_checked_at is not None
+        assert found.last_check_ok is True and found.last_checked_at is not None
+        assert found.pointing_at_edge is cname  # the CNAME alone
     assert (await domains.get_by_name(pool, pending.name)).last_checked_at is None
     # Checked within the interval: not again yet.
     assert await checker.run_once() == 0
@@ -70,7 +72,11 @@ async def test_verified_domains_are_checked_again_and_a_lost_one_is_flagged(
         await pool.execute("UPDATE domains SET last_checked_at = now() - interval '2 minutes'")
         assert await checker.run_once() == 2
     lost = await domains.get_by_name(pool, "shop.example.com")
-    assert lost.pointing_at_edge is False and lost.verified_at is not None
+    assert lost.last_check_ok is False and lost.verified_at is not None
+    assert lost.pointing_at_edge is False
+    # The API flags it.
+    (answer,) = await admin.ok("GET", "/api/v1/projects/acme/shop/domains")
+    assert answer["dns_ok"] is False and answer["state"] == "verified"
     warnings = [r.getMessage() for r in caplog.records if "no longer leads" in r.getMessage()]
     assert warnings == [
         "domain shop.example.com no longer leads to the edge: CNAME elsewhere.example.net, "
@@ -84,7 +90,7 @@ async def test_verified_domains_are_checked_again_and_a_lost_one_is_flagged(
     await pool.execute("UPDATE domains SET last_checked_at = now() - interval '2 minutes'")
     with caplog.at_level(logging.INFO, logger="edge.domains"):
         await checker.run_once()
-    assert (await domains.get_by_name(pool, "shop.example.com")).pointing_at_edge is True
+    assert (await domains.get_by_name(pool, "shop.example.com")).last_check_ok is True
     assert "domain shop.example.com leads to the edge again" in caplog.text
     assert registry.get_sample_value("zeitwork_domains_not_pointing") == 0
 
@@ -116,3 +122,25 @@ async def test_only_the_leader_checks(
 
     assert not await checked_after(Follower(), 0.5)
     assert await checked_after(Leader(), 1.0)
+
+
+@pytest.mark.asyncio
+async def test_recording_a_check_does_not_reload_the_routes(
+    admin: AdminClient, migrated_url: str
+) -> None:
+    made = await _domain(admin.pool, "shop.example.com", verified=False)
+    heard: list[str] = []
+    listener = await connect(migrated_url)
+    try:
+        await listener.add_listener("zeitwork_routes", lambda *args: heard.append(args[3]))
+        # Verifying changes what routes: every edge reloads.
+        await domains.record_check(admin.pool, made.id, verified=True, pointing=True)
+        await asyncio.sleep(0.3)
+        assert heard == ["domains"]
+        # Checking it again changes nothing that routes.
+        await domains.record_check(admin.pool, made.id, verified=False, pointing=False)
+        await domains.record_check(admin.pool, made.id, verified=True, pointing=True)
+        await asyncio.sleep(0.3)
+        assert heard == ["domains"]
+    finally:
+        await listener.close()

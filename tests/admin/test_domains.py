@@ -94,6 +94,17 @@ async def test_add_list_and_delete_domains(admin: AdminClient) -> None:
     assert added["state"] == "pending"
     assert added["verified_at"] is None and added["last_checked_at"] is None
     assert added["pointing_at_edge"] is None
+    # Not verified: no certificate is ordered.
+    assert added["certificate"] == {
+        "status": "none",
+        "not_before": None,
+        "not_after": None,
+        "issuer": None,
+        "failures": 0,
+        "last_error": None,
+        "last_attempt_at": None,
+        "next_attempt_at": None,
+    }
     token = added["verification_token"]
     assert len(token) >= 24
     assert added["verification"] == {
@@ -191,6 +202,8 @@ async def test_verify_by_cname(dns_admin: AdminClient, zone: tuple[Zone, int]) -
     checked = await admin.ok("POST", BASE + "/app.customer.org/verify")
     assert checked["state"] == "verified" and checked["pointing_at_edge"] is True
     assert checked["verified_at"] is not None and checked["last_checked_at"] is not None
+    # Verified: waiting for the leader's ACME loop to order its certificate.
+    assert checked["certificate"]["status"] == "pending"
     assert checked["dns"]["cname"] == EDGE and checked["dns"]["cname_error"] is None
     assert checked["dns"]["verified"] is True and checked["dns"]["verified_by"] == "cname"
     assert checked["dns"]["txt_name"] == "_zeitwork.app.customer.org"
@@ -200,7 +213,7 @@ async def test_verify_by_cname(dns_admin: AdminClient, zone: tuple[Zone, int]) -
     )
     assert row["verified_at"] is not None and row["pointing_at_edge"] is True
     [listed] = await admin.ok("GET", BASE)
-    assert listed["state"] == "verified"
+    assert listed["state"] == "verified" and listed["certificate"]["status"] == "pending"
 
     # Moved away: still verified (verification is not revoked), no longer pointing.
     records.cnames["app.customer.org"] = "elsewhere.example.net"
