@@ -10,7 +10,18 @@ from pathlib import Path
 
 from agent.cli import add_agent_command, agent_command
 from edge import __version__, up
-from edge.config import ConfigError, EdgeConfig, ProxyLimits, parse_networks
+from edge.config import (
+    DEFAULT_HTTPS_PORT,
+    DEFAULT_TLS_CERT,
+    DEFAULT_TLS_KEY,
+    LETS_ENCRYPT,
+    AcmeConfig,
+    ConfigError,
+    EdgeConfig,
+    ProxyLimits,
+    TlsConfig,
+    parse_networks,
+)
 from edge.ratelimit import RateLimit
 from edge.routing import FileRouteProvider, RoutesError
 from scheduler.reconciler import Settings as SchedulerSettings
@@ -138,6 +149,53 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="clients each worker keeps rate state for (least recently seen go first)",
     )
+    tls = edge.add_argument_group(
+        "HTTPS (on when a certificate is configured or --https-port is given)"
+    )
+    tls.add_argument(
+        "--https-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help=f"HTTPS port (default {DEFAULT_HTTPS_PORT} when a certificate is configured; "
+        "0: no HTTPS)",
+    )
+    tls.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="PEM certificate chain of the apps wildcard, also the default certificate "
+        f"(default {DEFAULT_TLS_CERT} if it exists); reloaded when it changes and on SIGHUP",
+    )
+    tls.add_argument(
+        "--tls-key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"its PEM private key (default {DEFAULT_TLS_KEY} if it exists)",
+    )
+    tls.add_argument(
+        "--certificate-secret-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="secret that the database's certificate keys are encrypted with "
+        "(default: $ZEITWORK_CERTIFICATE_SECRET; neither: keys are stored as plain PEM)",
+    )
+    tls.add_argument(
+        "--no-https-redirect",
+        dest="https_redirect",
+        action="store_false",
+        help="serve plain HTTP as well, instead of answering it with 308 to HTTPS",
+    )
+    tls.add_argument(
+        "--tls-handshake-timeout",
+        type=seconds,
+        default=ProxyLimits().tls_handshake_timeout,
+        metavar="SECONDS",
+        help="a TLS handshake must be done within this time (default 10)",
+    )
     admin = edge.add_argument_group("admin API")
     admin.add_argument("--admin-host", default="0.0.0.0", help="address of the admin API")
     admin.add_argument(
@@ -202,6 +260,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="period of the pass that catches timeouts; changes wake it at once (default 1)",
     )
+    scheduling.add_argument(
+        "--domain-check-interval",
+        type=seconds,
+        default=3600.0,
+        metavar="SECONDS",
+        help="the leader checks each verified domain's DNS again this often (default 3600)",
+    )
+    acme = edge.add_argument_group(
+        "certificates of custom domains (ACME HTTP-01, ordered by the leader; needs the "
+        "certificate secret, which encrypts their keys in the database)"
+    )
+    acme.add_argument(
+        "--acme-directory",
+        default=LETS_ENCRYPT,
+        metavar="URL",
+        help="the CA's ACME directory (default Let's Encrypt's production)",
+    )
+    acme.add_argument("--acme-email", default=None, help="contact of the ACME account")
+    acme.add_argument(
+        "--acme-ca-bundle",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="roots the ACME server's HTTPS chains to (default: the system's)",
+    )
+    acme.add_argument(
+        "--no-acme",
+        dest="acme",
+        action="store_false",
+        help="order no certificates (they are managed by other means)",
+    )
     d = ProxyLimits()
     limits = edge.add_argument_group("limits and timeouts")
     limits.add_argument("--max-header-size", type=size, default=d.max_header_size)
@@ -246,6 +335,7 @@ def edge_config(args: argparse.Namespace) -> EdgeConfig:
         upstream_max_idle=args.upstream_max_idle,
         retries=args.retries,
         shutdown_timeout=args.shutdown_timeout,
+        tls_handshake_timeout=args.tls_handshake_timeout,
     )
     kwargs = {}
     if args.workers is not None:
@@ -278,12 +368,60 @@ def edge_config(args: argparse.Namespace) -> EdgeConfig:
             heartbeat_timeout=args.heartbeat_timeout,
         ),
         scheduler_interval=args.scheduler_interval,
+        domain_check_interval=args.domain_check_interval,
+        acme=AcmeConfig(
+            enabled=args.acme,
+            directory_url=args.acme_directory,
+            email=args.acme_email,
+            ca_bundle=args.acme_ca_bundle,
+        ),
         http_host=args.host,
         http_port=args.http_port,
+        tls=tls_config(args),
         trusted_proxies=parse_networks(args.trusted_proxy),
         limits=limits,
         **kwargs,
     )
+
+
+def tls_config(args: argparse.Namespace) -> TlsConfig:
+    """HTTPS is on with a certificate (given, or the operations guide's files where both
+    exist) or an explicit --https-port; ``--https-port 0`` turns it off."""
+    cert, key = args.tls_cert, args.tls_key
+    if cert is None and key is None:
+        found = [path for path in (DEFAULT_TLS_CERT, DEFAULT_TLS_KEY) if path.exists()]
+        if len(found) == 2:
+            cert, key = DEFAULT_TLS_CERT, DEFAULT_TLS_KEY
+        elif found:
+            raise ConfigError(
+                f"{found[0]} exists but not "
+                f"{DEFAULT_TLS_KEY if found[0] == DEFAULT_TLS_CERT else DEFAULT_TLS_CERT}: "
+                "give --tls-cert and --tls-key, or complete the pair"
+            )
+    port = args.https_port
+    if port is None:
+        port = DEFAULT_HTTPS_PORT if cert is not None else 0
+    return TlsConfig(
+        port=port,
+        cert_file=cert,
+        key_file=key,
+        certificate_secret=_certificate_secret(args.certificate_secret_file),
+        redirect=args.https_redirect,
+    )
+
+
+def _certificate_secret(secret_file: Path | None) -> str | None:
+    if secret_file is None:
+        return os.environ.get("ZEITWORK_CERTIFICATE_SECRET", "").strip() or None
+    try:
+        content = secret_file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the certificate secret file {secret_file}: {exc.strerror}"
+        ) from exc
+    if not content:
+        raise ConfigError(f"the certificate secret file {secret_file} is empty")
+    return content
 
 
 def _admin_token(token_file: Path | None) -> str | None:
@@ -359,10 +497,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "edge":
         try:
             config = edge_config(args)
-            # Fail at start, in the terminal, on a routes file the workers could not load.
+            # Fail at start, in the terminal, on a routes file or certificate files the
+            # workers could not load.
             if config.routes_path is not None:
                 FileRouteProvider(config.routes_path).load_sync()
-        except (ConfigError, RoutesError) as exc:
+            tls = config.tls
+            if tls.enabled and tls.cert_file is not None and tls.key_file is not None:
+                from edge.tls import load_files  # noqa: PLC0415
+
+                load_files(tls.cert_file, tls.key_file)
+        except (ConfigError, RoutesError, ValueError) as exc:
             parser.exit(2, f"zeitwork edge: error: {exc}\n")
         # Imported here so `zeitwork --help` does not load uvloop and the proxy.
         from edge.server import Master, setup_logging  # noqa: PLC0415
@@ -377,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         return up.up_command(args)
     if args.command == "admin-token":
         return up.admin_token_command(args)
+    if args.command == "data-dir":
+        return up.data_dir_command()
     parser.error(f"unknown command {args.command}")
 
 

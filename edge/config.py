@@ -56,6 +56,8 @@ class ProxyLimits:
     # Retries on another instance when connecting failed or a reused connection was found
     # closed before anything of the request was consumed.
     retries: int = 1
+    # A TLS handshake must be done within this time (the request head's timeout starts after).
+    tls_handshake_timeout: float = 10.0
     # Passive health: an instance that refused a connection or timed out is skipped for
     # ejection_time, doubling with each failure in a row up to max_ejection_time.
     ejection_time: float = 1.0
@@ -77,6 +79,7 @@ class ProxyLimits:
             "upstream_response_timeout",
             "upstream_idle_timeout",
             "tunnel_idle_timeout",
+            "tls_handshake_timeout",
             "shutdown_timeout",
             "ejection_time",
             "max_ejection_time",
@@ -100,6 +103,57 @@ class ProxyLimits:
         return max(0.02, min(1.0, shortest / 5))
 
 
+# Where the operations guide puts the apps wildcard certificate; used when both files exist.
+DEFAULT_TLS_CERT = Path("/etc/zeitwork/certs/server.crt")
+DEFAULT_TLS_KEY = Path("/etc/zeitwork/certs/server.key")
+DEFAULT_HTTPS_PORT = 443
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """The HTTPS listener (``port`` 0: none) and where its certificates come from.
+
+    Certificates: the files (the apps wildcard, which is also the default certificate) and,
+    when routing from PostgreSQL, the ``certificates`` table, whose keys are decrypted with
+    ``certificate_secret`` (None: stored as plain PEM).
+    """
+
+    port: int = 0
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    certificate_secret: str | None = field(default=None, repr=False)
+    # Plain HTTP answers 308 to HTTPS (but ACME challenges) while the HTTPS listener is on.
+    redirect: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.port != 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"https port must be 0-65535 (0: off), got {self.port}")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("a TLS certificate file needs its key file, and the other way round")
+        if self.certificate_secret is not None and len(self.certificate_secret) < 16:
+            raise ConfigError("the certificate secret must be at least 16 characters")
+
+
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeConfig:
+    enabled: bool = True
+    directory_url: str = LETS_ENCRYPT
+    email: str | None = None
+    # Roots the ACME server's own HTTPS chains to (None: the system's).
+    ca_bundle: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.directory_url.startswith(("https://", "http://")):
+            raise ConfigError(f"ACME directory {self.directory_url!r} is not an http(s) URL")
+
+
 @dataclass(frozen=True, slots=True)
 class EdgeConfig:
     # The routing table's source: a routes file, or the platform database (exactly one; with
@@ -107,6 +161,7 @@ class EdgeConfig:
     routes_path: Path | None = None
     http_host: str = "0.0.0.0"
     http_port: int = 8000
+    tls: TlsConfig = field(default_factory=TlsConfig)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     trusted_proxies: tuple[IPNetwork, ...] = ()
     limits: ProxyLimits = field(default_factory=ProxyLimits)
@@ -144,6 +199,11 @@ class EdgeConfig:
     # the pass that catches them.
     scheduling: SchedulerSettings = field(default_factory=SchedulerSettings)
     scheduler_interval: float = 1.0
+    # Certificates of verified custom domains, ordered by the leader (with a secret to
+    # encrypt their keys, edge.tls's certificate_secret).
+    acme: AcmeConfig = field(default_factory=AcmeConfig)
+    # The leader checks each verified domain's DNS again this often (seconds).
+    domain_check_interval: float = 3600.0
 
     @property
     def postgres_dir(self) -> Path:
@@ -156,6 +216,10 @@ class EdgeConfig:
     def __post_init__(self) -> None:
         if not 0 < self.http_port < 65536:
             raise ConfigError(f"http port must be 1-65535, got {self.http_port}")
+        if self.tls.enabled and self.tls.port == self.http_port:
+            raise ConfigError(f"the HTTPS port and the HTTP port are both {self.http_port}")
+        if self.admin_port and self.tls.enabled and self.admin_port == self.tls.port:
+            raise ConfigError(f"the admin port and the HTTPS port are both {self.admin_port}")
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
         if self.backlog < 1:

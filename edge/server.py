@@ -10,6 +10,12 @@ schema migrations (once, not per worker), starting the embedded PostgreSQL when 
 URL is given (and stopping it after the workers), and each worker follows the table live
 (:mod:`edge.live_routes`).
 
+With HTTPS on, each worker also binds the HTTPS port and terminates TLS itself
+(:mod:`edge.tls`). Certificates from the database follow its notifications in every worker;
+the certificate files are watched by the master, which checks new ones once and then tells
+the workers (SIGUSR1) to load them, so a bad file is one error in the log and never reaches
+a worker.
+
 The master also serves the admin API (:mod:`edge.admin`) on the admin port, and holds the
 leader lock (:mod:`edge.leader`). Each worker stamps the time of its last routing table
 install into an array shared with the master, which /health and /metrics report as the
@@ -44,8 +50,18 @@ from edge.store.db import connect, create_pool, describe_dsn
 from edge.store.embedded import EmbeddedPostgres
 from edge.store.errors import StoreError
 from edge.store.migrate import migrate
+from edge.tls import (
+    CertificateError,
+    CertificateStore,
+    DatabaseCertificates,
+    FileWatch,
+    load_files,
+)
 
 log = logging.getLogger("edge.server")
+
+# How often the master looks at the certificate files (seconds).
+CERTIFICATE_FILES_CHECK = 1.0
 
 # Exit status of a worker that cannot start at all (port taken, routes unreadable): the
 # master gives up instead of restarting it forever.
@@ -75,6 +91,10 @@ def worker_main(
     setup_logging(log_level)
     # Ctrl-C reaches the whole process group; only the master decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A reload asked for while the worker starts must not kill it (the default action): it
+    # loads everything afresh anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     code = uvloop.run(_serve_worker(config, index, installed, metrics_block))
     sys.exit(code)
 
@@ -90,16 +110,23 @@ async def _serve_worker(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     provider: RouteProvider
     live: LiveRoutes | None = None
+    store = _certificate_store(config, index)
+    if store is not None:
+        loop.add_signal_handler(signal.SIGUSR1, _reload_files, config, store, index)
     if config.database_url:
         provider = PostgresRouteProvider(config.database_url, config.apps_domain)
         worker = ProxyWorker(config, provider)
         worker.metrics_block = metrics_block
+        worker.tls = store
         _stamp_installs(worker, index, installed)
         live = LiveRoutes(
             worker,
             provider,
             debounce=config.routes_debounce,
             reload_interval=config.routes_reload_interval,
+            certificates=None
+            if store is None
+            else DatabaseCertificates(store, config.tls.certificate_secret),
         )
         live.start()
         # Not listening before the first table is in: with SO_REUSEPORT the kernel would queue
@@ -120,40 +147,83 @@ async def _serve_worker(
         provider = FileRouteProvider(config.routes_path)
         worker = ProxyWorker(config, provider)
         worker.metrics_block = metrics_block
+        worker.tls = store
         _stamp_installs(worker, index, installed)
 
         def reload() -> object:
             return loop.create_task(worker.reload())
 
-    try:
-        sock = listen_socket(config.http_host, config.http_port, config.backlog)
-    except OSError as exc:
-        log.error(
-            "worker %d: cannot listen on %s:%d: %s",
-            index,
-            config.http_host,
-            config.http_port,
-            exc.strerror or exc,
-        )
-        if live is not None:
-            await live.stop()
-        return EXIT_STARTUP
+    sockets = []
+    ports = [config.http_port] + ([config.tls.port] if store is not None else [])
+    for port in ports:
+        try:
+            sockets.append(listen_socket(config.http_host, port, config.backlog))
+        except OSError as exc:
+            log.error(
+                "worker %d: cannot listen on %s:%d: %s",
+                index,
+                config.http_host,
+                port,
+                exc.strerror or exc,
+            )
+            for sock in sockets:
+                sock.close()
+            if live is not None:
+                await live.stop()
+            return EXIT_STARTUP
     if live is None:
         try:
             worker.install(await provider.load())
         except RoutesError as exc:
             log.error("worker %d: %s", index, exc)
-            sock.close()
+            for sock in sockets:
+                sock.close()
             return EXIT_STARTUP
-    await worker.start(sock)
+    await worker.start(sockets[0], sockets[1] if len(sockets) > 1 else None)
     loop.add_signal_handler(signal.SIGHUP, reload)
-    log.info("worker %d serving http://%s:%d", index, config.http_host, config.http_port)
+    if store is not None:
+        log.info(
+            "worker %d serving http://%s:%d and https://%s:%d",
+            index,
+            config.http_host,
+            config.http_port,
+            config.http_host,
+            config.tls.port,
+        )
+    else:
+        log.info("worker %d serving http://%s:%d", index, config.http_host, config.http_port)
     await stop.wait()
     log.info("worker %d stopping: finishing in-flight requests", index)
     if live is not None:
         await live.stop()
     await worker.shutdown()
     return 0
+
+
+def _certificate_store(config: EdgeConfig, index: int) -> CertificateStore | None:
+    """The worker's certificates with the files loaded (None: no HTTPS). Files that cannot
+    be loaded leave the database's certificates (the command checked them at start)."""
+    if not config.tls.enabled:
+        return None
+    store = CertificateStore(config.apps_domain)
+    _reload_files(config, store, index)
+    return store
+
+
+def _reload_files(config: EdgeConfig, store: CertificateStore, index: int) -> None:
+    """Load the certificate files into ``store`` (SIGUSR1 from the master: they changed)."""
+    tls = config.tls
+    if tls.cert_file is None or tls.key_file is None:
+        return
+    try:
+        certificate = load_files(tls.cert_file, tls.key_file)
+    except CertificateError as exc:
+        log.error(
+            "worker %d: TLS certificate files not loaded, keeping the current: %s", index, exc
+        )
+        return
+    store.set_files(certificate)
+    log.debug("worker %d: TLS certificate %s", index, certificate.describe())
 
 
 def _stamp_installs(
@@ -206,7 +276,11 @@ class Master:
         self._admin: Any = None
         self._pool: Any = None
         self._leader: LeaderLock | None = None
-        self._scheduler: Any = None
+        self._leader_loops: list[Any] = []
+        tls = config.tls
+        self._cert_watch: FileWatch | None = None
+        if tls.enabled and tls.cert_file is not None and tls.key_file is not None:
+            self._cert_watch = FileWatch(tls.cert_file, tls.key_file)
 
     def run(self) -> int:
         return uvloop.run(self._main())
@@ -292,16 +366,7 @@ class Master:
         admin_metrics = AdminMetrics()
         metrics_registry = admin_metrics.registry
         if leader is not None and dsn:
-            from edge.scheduling import SchedulerLoop  # noqa: PLC0415
-
-            self._scheduler = SchedulerLoop(
-                self._pool,
-                dsn,
-                leader,
-                self.config.scheduling,
-                interval=self.config.scheduler_interval,
-                registry=metrics_registry,
-            )
+            self._leader_loops = self._make_leader_loops(dsn, leader, metrics_registry)
         ctx = AdminContext(
             pool=self._pool,
             auth=Authenticator(self._pool, token, self.config.bootstrap_token),
@@ -319,8 +384,8 @@ class Master:
             else Limiter(self.config.admin_rate_limit, max_keys=10_000, name="admin"),
             is_leader=(lambda: leader.is_leader) if leader is not None else (lambda: False),
         )
-        if self._scheduler is not None:
-            self._scheduler.start()
+        for loop in self._leader_loops:
+            loop.start()
         if dsn:
             self._admin = AdminServer(ctx)
         else:
@@ -339,10 +404,54 @@ class Master:
         log.info("admin API on http://%s:%d (admin token from %s)", host, port, source)
         return True
 
+    def _make_leader_loops(self, dsn: str, leader: LeaderLock, registry: Any) -> list[Any]:
+        """What runs on the leader only: the scheduler, the DNS checks of verified domains,
+        and (with a certificate secret to encrypt the keys) the ACME certificate orders."""
+        from edge.acme import AcmeSettings, CertificateManager  # noqa: PLC0415
+        from edge.domain_checks import DomainChecker  # noqa: PLC0415
+        from edge.scheduling import SchedulerLoop  # noqa: PLC0415
+
+        config = self.config
+        loops: list[Any] = [
+            SchedulerLoop(
+                self._pool,
+                dsn,
+                leader,
+                config.scheduling,
+                interval=config.scheduler_interval,
+                registry=registry,
+            ),
+            DomainChecker(
+                self._pool,
+                leader,
+                config.edge_host,
+                nameservers=config.nameservers,
+                interval=config.domain_check_interval,
+                registry=registry,
+            ),
+        ]
+        secret = config.tls.certificate_secret
+        if config.acme.enabled and secret is not None:
+            settings = AcmeSettings(
+                secret=secret,
+                directory_url=config.acme.directory_url,
+                email=config.acme.email,
+                ca_bundle=str(config.acme.ca_bundle) if config.acme.ca_bundle else None,
+            )
+            loops.append(
+                CertificateManager(self._pool, settings, leader=leader, dsn=dsn, registry=registry)
+            )
+        elif config.acme.enabled:
+            log.warning(
+                "no certificate secret ($ZEITWORK_CERTIFICATE_SECRET or "
+                "--certificate-secret-file): certificates of custom domains are not ordered"
+            )
+        return loops
+
     async def _stop_admin(self) -> None:
-        if self._scheduler is not None:
-            await self._scheduler.stop()
-            self._scheduler = None
+        for loop in self._leader_loops:
+            await loop.stop()
+        self._leader_loops = []
         if self._admin is not None:
             await self._admin.close()
             self._admin = None
@@ -352,6 +461,30 @@ class Master:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+    def _certificates_source(self) -> str:
+        tls = self.config.tls
+        sources = []
+        if tls.cert_file is not None:
+            sources.append(f"{tls.cert_file} (the default)")
+        if self.config.routes_path is None:
+            sources.append("the database (live)")
+        return " and ".join(sources) or "nowhere: every handshake fails"
+
+    def _reload_certificate_files(self) -> None:
+        """Check the certificate files, then have every worker load them (SIGUSR1); invalid
+        ones are logged here once and the workers keep theirs."""
+        tls = self.config.tls
+        if self._cert_watch is None or tls.cert_file is None or tls.key_file is None:
+            return
+        self._cert_watch.loaded()
+        try:
+            certificate = load_files(tls.cert_file, tls.key_file)
+        except CertificateError as exc:
+            log.error("new TLS certificate files are invalid, workers keep the current: %s", exc)
+            return
+        log.info("TLS certificate reloaded in every worker: %s", certificate.describe())
+        self._signal_workers(signal.SIGUSR1)
 
     def _routes_source(self) -> str:
         if self.config.routes_path is not None:
@@ -366,18 +499,28 @@ class Master:
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         for index in range(self.config.workers):
             self._spawn(index)
+        tls = self.config.tls
         log.info(
-            "edge starting on http://%s:%d with %d worker(s), routes from %s",
+            "edge starting on http://%s:%d%s with %d worker(s), routes from %s",
             self.config.http_host,
             self.config.http_port,
+            f" and https://{self.config.http_host}:{tls.port}" if tls.enabled else "",
             self.config.workers,
             self._routes_source(),
         )
+        if tls.enabled:
+            log.info("TLS certificates from %s", self._certificates_source())
         code = 0
+        next_files_check = loop.time() + CERTIFICATE_FILES_CHECK
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.2)
             self._wake.clear()
+            if self._cert_watch is not None and loop.time() >= next_files_check:
+                next_files_check = loop.time() + CERTIFICATE_FILES_CHECK
+                if self._cert_watch.changed() and not self._stopping:
+                    log.info("TLS certificate files changed")
+                    self._reload_certificate_files()
             if self._interrupts >= 2:
                 self._kill_all()
                 return 130
@@ -451,7 +594,9 @@ class Master:
             self._wake.set()
 
     def _on_reload(self) -> None:
-        log.info("SIGHUP: reloading routes in every worker")
+        what = "routes and certificates" if self.config.tls.enabled else "routes"
+        log.info("SIGHUP: reloading %s in every worker", what)
+        self._reload_certificate_files()
         if self.config.routes_path is not None:
             try:
                 FileRouteProvider(self.config.routes_path).load_sync()
