@@ -1,7 +1,9 @@
 """``zeitwork up``: the whole platform on one machine, for a newcomer or a laptop.
 
 It runs two child processes and watches them: ``zeitwork edge`` (the embedded PostgreSQL unless
-``--database-url``, HTTP on 8000, the admin API and the scheduler on 8080) and, once the admin
+``--database-url``, HTTP on 8000, HTTPS on 8443 with a certificate of a local CA
+(:mod:`edge.localca`) that curl trusts with ``--cacert``, the admin API and the scheduler on
+8080) and, once the admin
 API answers, ``zeitwork agent`` for one local node (region ``local``, created if missing; the
 agent registers itself with a bootstrap token made for this run). Their logs go to this
 terminal. It prints where everything is once the node is registered.
@@ -29,7 +31,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edge import localca
 from edge.config import default_data_dir
+
+# `zeitwork up` serves the default apps domain.
+APPS_DOMAIN = "zeitwork.app"
 
 READY_TIMEOUT = 120.0
 STOP_TIMEOUT = 40.0
@@ -109,9 +115,10 @@ class Up:
 
     def _start(self) -> None:
         args = self.args
-        for port in (args.http_port, args.admin_port, args.agent_port):
+        for port in (args.http_port, args.https_port, args.admin_port, args.agent_port):
             _check_free(port)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.tls = localca.ensure(self.data_dir / "tls", APPS_DOMAIN)
         bootstrap = secrets.token_urlsafe(32)
         env = dict(os.environ, ZEITWORK_BOOTSTRAP_TOKEN=bootstrap)
         env.pop("DATABASE_URL", None)
@@ -120,6 +127,16 @@ class Up:
             "edge",
             "--http-port",
             str(args.http_port),
+            # HTTPS with the local CA's certificate; plain HTTP keeps serving (no redirect).
+            "--https-port",
+            str(args.https_port),
+            "--tls-cert",
+            str(self.tls.server_cert),
+            "--tls-key",
+            str(self.tls.server_key),
+            "--no-https-redirect",
+            # No public CA can reach a laptop: no ACME orders.
+            "--no-acme",
             "--admin-host",
             "127.0.0.1",
             "--admin-port",
@@ -199,10 +216,16 @@ class Up:
                 "Zeitwork is up.",
                 f"  apps       http://127.0.0.1:{args.http_port}  "
                 "(Host: <project>-<nanoid>-<org>.zeitwork.app)",
+                f"             https://127.0.0.1:{args.https_port}  (certificates of the local CA "
+                f"{self.tls.ca_cert})",
                 f"  admin API  {self.admin}  (token in {token_file}; "
                 "TOKEN=$(zeitwork admin-token))",
                 f"  node agent http://127.0.0.1:{args.agent_port}/health  (region {args.region})",
                 f"  data       {self.data_dir}",
+                "curl trusts the local CA with --cacert, e.g.:",
+                f"  curl --cacert {self.tls.ca_cert} --resolve "
+                f"<name>.{APPS_DOMAIN}:{args.https_port}:127.0.0.1 "
+                f"https://<name>.{APPS_DOMAIN}:{args.https_port}/",
                 "Press Ctrl-C to stop.",
                 "",
             ]
@@ -261,6 +284,7 @@ def add_commands(commands: Any) -> None:
         "stops them.",
     )
     up.add_argument("--http-port", type=int, default=8000, help="public HTTP (default 8000)")
+    up.add_argument("--https-port", type=int, default=8443, help="public HTTPS (default 8443)")
     up.add_argument("--admin-port", type=int, default=8080, help="admin API (default 8080)")
     up.add_argument(
         "--agent-port", type=int, default=8081, help="the agent's /health, /metrics (8081)"
@@ -287,14 +311,25 @@ def add_commands(commands: Any) -> None:
         "data directory: TOKEN=$(zeitwork admin-token).",
     )
     token.add_argument("--data-dir", type=Path, default=None, metavar="DIR")
+    commands.add_parser(
+        "data-dir",
+        help="print the default data directory",
+        description="Where `zeitwork up` and `zeitwork edge` keep their state by default "
+        "(the admin token, the embedded PostgreSQL, tls/ca.crt of `zeitwork up`).",
+    )
 
 
 def up_command(args: Any) -> int:
-    for port in (args.http_port, args.admin_port, args.agent_port):
+    for port in (args.http_port, args.https_port, args.admin_port, args.agent_port):
         if not 0 < port < 65536:
             print(f"zeitwork up: error: port {port} is not 1-65535", file=sys.stderr)
             return 2
     return Up(args).run()
+
+
+def data_dir_command() -> int:
+    print(default_data_dir())
+    return 0
 
 
 def admin_token_command(args: Any) -> int:

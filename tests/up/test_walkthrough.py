@@ -30,7 +30,7 @@ from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
-PORTS = (8000, 8080, 8081)
+PORTS = (8000, 8443, 8080, 8081)
 START_TIMEOUT = 180.0
 WALK_TIMEOUT = 240.0
 MARK = "@@block"
@@ -124,7 +124,7 @@ def test_readme_walkthrough(tmp_path: Path) -> None:
         name = r"hello-[a-z0-9]{7}-demo"
         v1 = first[0].removesuffix(" is active")
         assert re.fullmatch(name, v1), first
-        assert first == [f"{v1} is active", "hello from v1"]
+        assert first == [f"{v1} is active", "hello from v1", "hello from v1"]
         v2 = second[0].removesuffix(" is active")
         assert re.fullmatch(name, v2) and v2 != v1, second
         assert second == [f"{v2} is active", "hello from v2", v2, "draining"]
