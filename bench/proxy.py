@@ -12,7 +12,15 @@ alike. The summary gives per-target medians and the median of the per-round edge
 it is printed and written as Markdown to bench/results/proxy.md. A run in which wrk saw
 non-2xx/3xx responses or socket errors is reported and makes the exit status non-zero.
 
-Run from the repository root: ``.venv/bin/python -m bench.proxy [--rounds 3 --duration 10]``.
+TLS (targets ``edge-tls``/``nginx-tls`` and ``edge-handshake``/``nginx-handshake``): the
+same proxies terminating TLS on one core each with the same certificate (ECDSA P-256, made
+for the run), TLS 1.2 and 1.3 with the same AEAD suites; wrk over ``https://``, either on
+kept-alive connections (requests/s) or with ``Connection: close`` so that every request is a
+new connection and a full handshake (wrk resumes no sessions): new handshakes/s per core.
+Each pair's ratio is taken within a round, like edge/nginx.
+
+Run from the repository root: ``.venv/bin/python -m bench.proxy [--rounds 3 --duration 10]``
+(``--targets edge-tls,nginx-tls,edge-handshake,nginx-handshake`` for TLS).
 Needs nginx (Debian package nginx-light) and wrk (Debian package wrk).
 """
 
@@ -31,6 +39,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -52,7 +61,23 @@ UPSTREAM_BODY = b"hello world\n"
 # or the local one) instead of a routes file: the same request path, so the same figures.
 # "edge-limited" is the routes-file edge with per-client rate limiting on, at a limit no
 # client reaches: every request pays for the check, none is refused.
-TARGETS = ("edge", "edge-pg", "edge-limited", "nginx")
+TARGETS = (
+    "edge",
+    "edge-pg",
+    "edge-limited",
+    "nginx",
+    "edge-tls",
+    "nginx-tls",
+    "edge-handshake",
+    "nginx-handshake",
+)
+# Targets over https://, and those where every request is a new connection (a handshake).
+TLS_TARGETS = frozenset({"edge-tls", "nginx-tls", "edge-handshake", "nginx-handshake"})
+HANDSHAKE_TARGETS = frozenset({"edge-handshake", "nginx-handshake"})
+# Ratios reported, each from the two runs of one round: (edge target, nginx target).
+RATIO_PAIRS = (("edge", "nginx"), ("edge-tls", "nginx-tls"), ("edge-handshake", "nginx-handshake"))
+# The TLS suites of both proxies for TLS 1.2 (TLS 1.3's are OpenSSL's AEAD defaults).
+TLS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 UNREACHED_LIMIT = "1000000000/1000000000"
 DEFAULT_TARGETS = ("edge", "nginx")
 WRK_THREADS = 1
@@ -206,7 +231,16 @@ def parse_wrk_output(text: str) -> WrkResult:
     )
 
 
-def wrk_argv(wrk: str, port: int, *, duration: int, connections: int) -> list[str]:
+def wrk_argv(
+    wrk: str,
+    port: int,
+    *,
+    duration: int,
+    connections: int,
+    scheme: str = "http",
+    close: bool = False,
+) -> list[str]:
+    """wrk's command line; ``close``: every request on a new connection."""
     return [
         wrk,
         f"-t{WRK_THREADS}",
@@ -215,7 +249,8 @@ def wrk_argv(wrk: str, port: int, *, duration: int, connections: int) -> list[st
         "--latency",
         "-H",
         f"Host: {VHOST}",
-        f"http://{HOST}:{port}/",
+        *(["-H", "Connection: close"] if close else []),
+        f"{scheme}://{HOST}:{port}/",
     ]
 
 
@@ -270,9 +305,19 @@ def _signals_deferred() -> Iterator[None]:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def run_wrk(wrk: str, port: int, *, duration: int, connections: int) -> str:
+def run_wrk(
+    wrk: str,
+    port: int,
+    *,
+    duration: int,
+    connections: int,
+    scheme: str = "http",
+    close: bool = False,
+) -> str:
     """Run wrk against ``port`` and return its report; a failing wrk is a BenchError."""
-    argv = wrk_argv(wrk, port, duration=duration, connections=connections)
+    argv = wrk_argv(
+        wrk, port, duration=duration, connections=connections, scheme=scheme, close=close
+    )
     try:
         done = subprocess.run(
             argv,
@@ -300,6 +345,9 @@ class Server:
     port: int
     proc: subprocess.Popen[bytes]
     logs: tuple[Path, ...]
+    # How wrk drives it: over https://, and with a new connection per request.
+    scheme: str = "http"
+    close: bool = False
 
     def log_tail(self, lines: int = 20) -> str:
         parts = []
@@ -364,13 +412,35 @@ class ProcessSet:
                 server.proc.wait()
 
 
+def session_cpu_seconds(session: int) -> float:
+    """User and system CPU time of the live processes of ``session`` (a server started in a
+    session of its own: the master and its workers)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            # After "(comm)": state ppid pgrp session ... utime (11) stime (12).
+            if int(fields[3]) == session:
+                ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
 
 
-def http_get(port: int, host_header: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+def http_get(
+    port: int, host_header: str, timeout: float = 2.0, scheme: str = "http"
+) -> tuple[int, bytes]:
+    conn: http.client.HTTPConnection
+    if scheme == "https":
+        # The benchmark's own certificate: what is checked here is the answer, not the name.
+        conn = http.client.HTTPSConnection(
+            HOST, port, timeout=timeout, context=ssl._create_unverified_context()
+        )
+    else:
+        conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
         conn.request("GET", "/", headers={"Host": host_header})
         response = conn.getresponse()
@@ -386,7 +456,7 @@ def wait_ready(server: Server, timeout: float = START_TIMEOUT_S) -> None:
     while time.monotonic() < deadline:
         server.check_alive("before answering GET /")
         try:
-            status, body = http_get(server.port, VHOST)
+            status, body = http_get(server.port, VHOST, scheme=server.scheme)
         except (OSError, http.client.HTTPException) as exc:
             last = f"{type(exc).__name__}: {exc}"
         else:
@@ -472,6 +542,64 @@ def nginx_proxy_conf(prefix: Path, port: int, upstream_port: int) -> str:
     }}
 """,
     )
+
+
+def nginx_tls_proxy_conf(prefix: Path, port: int, upstream_port: int, cert: Path, key: Path) -> str:
+    """The reference proxy of :func:`nginx_proxy_conf`, terminating TLS as the edge does:
+    TLS 1.2 and 1.3, the same suites, session tickets and a session cache."""
+    plain = nginx_proxy_conf(prefix, port, upstream_port)
+    tls = f"""\
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_ciphers {TLS_CIPHERS};
+    ssl_prefer_server_ciphers on;
+    ssl_session_cache shared:SSL:10m;
+    ssl_session_tickets on;
+    upstream backend {{"""
+    return plain.replace("    upstream backend {", tls, 1).replace(
+        f"listen {HOST}:{port}", f"listen {HOST}:{port} ssl"
+    )
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed ECDSA P-256 certificate for VHOST (wrk does not verify it); both proxies
+    serve this one."""
+    # Imported here: only the TLS targets need it.
+    import datetime  # noqa: PLC0415
+
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, VHOST)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(VHOST)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    # nginx workers drop privileges when started as root and read the files after that.
+    directory.chmod(0o755)
+    cert_path, key_path = directory / "bench.crt", directory / "bench.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
 
 
 def start_nginx(
@@ -625,6 +753,15 @@ class Measurement:
     round: int
     target: str
     result: WrkResult
+    # CPU time (user + system) the target's processes used during the run; None: unknown.
+    cpu_s: float | None = None
+
+    @property
+    def per_core(self) -> float | None:
+        """Requests per CPU-second of the target: what one fully used core would serve."""
+        if not self.cpu_s:
+            return None
+        return self.result.requests / self.cpu_s
 
 
 @dataclass(frozen=True)
@@ -635,6 +772,7 @@ class TargetSummary:
     p99_ms: float
     runs: int
     runs_with_errors: int
+    per_core: float | None = None
 
 
 @dataclass
@@ -648,6 +786,9 @@ class Report:
 
     def summary(self, target: str) -> TargetSummary:
         results = self.results(target)
+        per_core = [
+            m.per_core for m in self.measurements if m.target == target and m.per_core is not None
+        ]
         return TargetSummary(
             target=target,
             requests_per_sec=statistics.median(r.requests_per_sec for r in results),
@@ -655,21 +796,38 @@ class Report:
             p99_ms=statistics.median(r.p99_ms for r in results),
             runs=len(results),
             runs_with_errors=sum(1 for r in results if r.errors),
+            per_core=statistics.median(per_core) if per_core else None,
         )
 
-    def ratios_by_round(self) -> dict[int, float]:
-        """edge/nginx requests/s of each round that measured both."""
+    def ratios_by_round(self, edge: str = "edge", nginx: str = "nginx") -> dict[int, float]:
+        """``edge``/``nginx`` requests/s of each round that measured both."""
         by_round: dict[int, dict[str, float]] = {}
         for m in self.measurements:
             by_round.setdefault(m.round, {})[m.target] = m.result.requests_per_sec
         return {
-            round_no: figures["edge"] / figures["nginx"]
+            round_no: figures[edge] / figures[nginx]
             for round_no, figures in sorted(by_round.items())
-            if figures.get("nginx") and "edge" in figures
+            if figures.get(nginx) and edge in figures
         }
 
-    def ratios(self) -> list[float]:
-        return list(self.ratios_by_round().values())
+    def ratios(self, edge: str = "edge", nginx: str = "nginx") -> list[float]:
+        return list(self.ratios_by_round(edge, nginx).values())
+
+    def core_ratios(self, edge: str, nginx: str) -> list[float]:
+        """``edge``/``nginx`` requests per CPU-second, of each round that measured both."""
+        by_round: dict[int, dict[str, float]] = {}
+        for m in self.measurements:
+            if m.per_core is not None:
+                by_round.setdefault(m.round, {})[m.target] = m.per_core
+        return [
+            figures[edge] / figures[nginx]
+            for _, figures in sorted(by_round.items())
+            if figures.get(nginx) and edge in figures
+        ]
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The (edge, nginx) target pairs this run measured both of."""
+        return [p for p in RATIO_PAIRS if set(p) <= set(self.config.targets)]
 
     @property
     def runs_with_errors(self) -> list[Measurement]:
@@ -727,6 +885,9 @@ def run_benchmark(
         procs = stack.enter_context(ProcessSet())
 
         port = free_port()
+        cert = key = None
+        if TLS_TARGETS & set(config.targets):
+            cert, key = make_certificate(tmp / "certificate")
         prefix = tmp / "upstream"
         upstream = start_nginx(
             procs, tools.nginx, "upstream", prefix, port, upstream_conf(prefix, port)
@@ -752,10 +913,34 @@ def run_benchmark(
                 server = start_edge(
                     procs, config.edge_cmd, tmp / "edge-pg", port, upstream.port, dsn, "edge-pg"
                 )
+            elif name in ("edge-tls", "edge-handshake"):
+                assert cert is not None and key is not None
+                https = free_port()
+                server = start_edge(
+                    procs,
+                    config.edge_cmd,
+                    tmp / name,
+                    port,
+                    upstream.port,
+                    name=name,
+                    extra=(
+                        *("--https-port", str(https), "--no-https-redirect"),
+                        *("--tls-cert", str(cert), "--tls-key", str(key)),
+                    ),
+                )
+                server.port = https
+            elif name in ("nginx-tls", "nginx-handshake"):
+                assert cert is not None and key is not None
+                prefix = tmp / name
+                conf = nginx_tls_proxy_conf(prefix, port, upstream.port, cert, key)
+                server = start_nginx(procs, tools.nginx, name, prefix, port, conf)
             else:
                 prefix = tmp / "nginx"
                 conf = nginx_proxy_conf(prefix, port, upstream.port)
                 server = start_nginx(procs, tools.nginx, "nginx", prefix, port, conf)
+            if name in TLS_TARGETS:
+                server.scheme = "https"
+                server.close = name in HANDSHAKE_TARGETS
             wait_ready(server)
             servers.append(server)
         say(
@@ -775,18 +960,27 @@ def run_benchmark(
                         server.port,
                         duration=config.warmup,
                         connections=config.connections,
+                        scheme=server.scheme,
+                        close=server.close,
                     )
                     # Not counted, but a hint when the measured run then fails too.
                     if (warm := parse_wrk_output(warmup)).errors:
                         say(f"(warm-up of {server.name}: {warm.describe_errors()})")
+                cpu_before = session_cpu_seconds(server.proc.pid)
                 output = run_wrk(
-                    tools.wrk, server.port, duration=config.duration, connections=config.connections
+                    tools.wrk,
+                    server.port,
+                    duration=config.duration,
+                    connections=config.connections,
+                    scheme=server.scheme,
+                    close=server.close,
                 )
+                cpu_s = session_cpu_seconds(server.proc.pid) - cpu_before
                 # A target that crashed mid-run would otherwise show up as mere socket errors.
                 for proc in (server, upstream):
                     proc.check_alive(f"during round {round_no} of {server.name}")
                 result = parse_wrk_output(output)
-                report.measurements.append(Measurement(round_no, server.name, result))
+                report.measurements.append(Measurement(round_no, server.name, result, cpu_s))
                 if result.errors:
                     say(f"!! round {round_no}, {server.name}: {result.describe_errors()}")
                     say(output.rstrip())
@@ -815,11 +1009,16 @@ def _rows(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = " 
     return "\n".join(lines)
 
 
+def format_per_core(value: float | None) -> str:
+    return "?" if value is None else f"{value:,.0f}"
+
+
 def format_round_table(report: Report, round_no: int) -> str:
     rows = [
         [
             m.target,
             f"{m.result.requests_per_sec:,.0f}",
+            format_per_core(m.per_core),
             format_ms(m.result.p50_ms),
             format_ms(m.result.p99_ms),
             str(m.result.errors) + (" !!" if m.result.errors else ""),
@@ -828,11 +1027,20 @@ def format_round_table(report: Report, round_no: int) -> str:
         if m.round == round_no
     ]
     text = f"round {round_no}/{report.config.rounds}\n" + _rows(
-        ["target", "req/s", "p50", "p99", "errors"], rows
+        ["target", "req/s", "req/CPU-s", "p50", "p99", "errors"], rows
     )
-    ratios = report.ratios_by_round()
-    if round_no in ratios:
-        text += f"\n  edge/nginx req/s: {ratios[round_no]:.2f}"
+    for edge, nginx in report.pairs():
+        ratios = report.ratios_by_round(edge, nginx)
+        if round_no in ratios:
+            text += f"\n  {edge}/{nginx} req/s: {ratios[round_no]:.2f}"
+            core = [
+                m.per_core
+                for name in (edge, nginx)
+                for m in report.measurements
+                if m.round == round_no and m.target == name
+            ]
+            if len(core) == 2 and core[0] and core[1]:
+                text += f", per core: {core[0] / core[1]:.2f}"
     return text
 
 
@@ -844,19 +1052,26 @@ def format_summary(report: Report) -> str:
             [
                 target,
                 f"{s.requests_per_sec:,.0f}",
+                format_per_core(s.per_core),
                 format_ms(s.p50_ms),
                 format_ms(s.p99_ms),
                 f"{s.runs_with_errors}/{s.runs}",
             ]
         )
     text = "summary (medians over rounds)\n" + _rows(
-        ["target", "req/s", "p50", "p99", "runs with errors"], rows
+        ["target", "req/s", "req/CPU-s", "p50", "p99", "runs with errors"], rows
     )
-    if ratios := report.ratios():
-        text += (
-            f"\n  edge/nginx req/s: {statistics.median(ratios):.2f} "
-            f"(median of per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})"
-        )
+    for edge, nginx in report.pairs():
+        if ratios := report.ratios(edge, nginx):
+            text += (
+                f"\n  {edge}/{nginx} req/s: {statistics.median(ratios):.2f} "
+                f"(median of per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})"
+            )
+        if core := report.core_ratios(edge, nginx):
+            text += (
+                f"\n  {edge}/{nginx} per core: {statistics.median(core):.2f} "
+                f"(median of per-round ratios {', '.join(f'{r:.2f}' for r in core)})"
+            )
     if bad := report.runs_with_errors:
         text += f"\n!! {len(bad)} measured run(s) had errors:" + "".join(
             f"\n!!   round {m.round}, {m.target}: {m.result.describe_errors()}" for m in bad
@@ -872,30 +1087,43 @@ def render_markdown(report: Report) -> str:
         f"`wrk -t{WRK_THREADS} -c{c.connections} -d{c.duration}s --latency`, {c.rounds} rounds "
         f"interleaved, {c.warmup} s uncounted warm-up before each run. One worker per proxy; "
         f"the upstream is one nginx worker answering `GET /` with a {len(UPSTREAM_BODY)}-byte "
-        "body over keep-alive connections. Figures are medians over the rounds.",
+        "body over keep-alive connections. Figures are medians over the rounds."
+        + (
+            " TLS targets: https:// with the same ECDSA P-256 certificate; *-handshake sends "
+            "`Connection: close`, so each request is a new connection and full handshake."
+            if TLS_TARGETS & set(c.targets)
+            else ""
+        ),
         "",
-        "| target | req/s | p50 | p99 | runs with errors |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| target | req/s | req/CPU-s | p50 | p99 | runs with errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for target in c.targets:
         s = report.summary(target)
         lines.append(
-            f"| {target} | {s.requests_per_sec:,.0f} | {format_ms(s.p50_ms)} "
-            f"| {format_ms(s.p99_ms)} | {s.runs_with_errors}/{s.runs} |"
+            f"| {target} | {s.requests_per_sec:,.0f} | {format_per_core(s.per_core)} "
+            f"| {format_ms(s.p50_ms)} | {format_ms(s.p99_ms)} | {s.runs_with_errors}/{s.runs} |"
         )
-    if ratios := report.ratios():
-        lines += [
-            "",
-            f"edge/nginx requests/s: **{statistics.median(ratios):.2f}** (median of the "
-            f"per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})",
-        ]
+    for edge, nginx in report.pairs():
+        if ratios := report.ratios(edge, nginx):
+            lines += [
+                "",
+                f"{edge}/{nginx} requests/s: **{statistics.median(ratios):.2f}** (median of "
+                f"the per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})",
+            ]
+        if core := report.core_ratios(edge, nginx):
+            lines[-1] += (
+                f"; per CPU core: **{statistics.median(core):.2f}** "
+                f"({', '.join(f'{r:.2f}' for r in core)})"
+            )
     lines += [
         "",
-        "| round | target | req/s | p50 | p99 | errors |",
-        "| ---: | --- | ---: | ---: | ---: | ---: |",
+        "| round | target | req/s | req/CPU-s | p50 | p99 | errors |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [
         f"| {m.round} | {m.target} | {m.result.requests_per_sec:,.0f} "
+        f"| {format_per_core(m.per_core)} "
         f"| {format_ms(m.result.p50_ms)} | {format_ms(m.result.p99_ms)} | {m.result.errors} |"
         for m in report.measurements
     ]
@@ -911,7 +1139,8 @@ def render_markdown(report: Report) -> str:
         f"Python {env.get('python', '?')}, {env.get('nginx', '?')}, {env.get('wrk', '?')}; "
         f"commit {env.get('commit', '?')}, {env.get('date', '?')}. "
         "Produced by `python -m bench.proxy`; wrk, the proxies and the upstream share the "
-        "machine's CPUs.",
+        "machine's CPUs. req/CPU-s: requests per CPU-second used by the proxy's processes "
+        "during the run (what one core would serve).",
         "",
     ]
     return "\n".join(lines)

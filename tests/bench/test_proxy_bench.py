@@ -22,6 +22,7 @@ import pytest
 import bench.proxy
 from bench.proxy import (
     REPO_ROOT,
+    TLS_CIPHERS,
     VHOST,
     BenchConfig,
     BenchError,
@@ -34,10 +35,13 @@ from bench.proxy import (
     default_edge_cmd,
     find_tools,
     format_summary,
+    nginx_tls_proxy_conf,
     parse_wrk_output,
     render_markdown,
     run_benchmark,
+    session_cpu_seconds,
     time_to_ms,
+    wrk_argv,
 )
 from edge.store.db import connect
 
@@ -147,6 +151,37 @@ def test_report_medians_and_same_round_ratios() -> None:
     assert "**0.75**" in render_markdown(report)
 
 
+def test_tls_pairs_and_per_core_ratios() -> None:
+    report = Report(config=BenchConfig(rounds=2, targets=("edge-tls", "nginx-tls")))
+    for round_no, (edge, nginx) in enumerate([(60.0, 100.0), (80.0, 100.0)], start=1):
+        # The edge used twice the CPU of nginx in round 2.
+        report.measurements.append(
+            Measurement(round_no, "edge-tls", _result(edge), cpu_s=1.0 * round_no)
+        )
+        report.measurements.append(Measurement(round_no, "nginx-tls", _result(nginx), cpu_s=1.0))
+    assert report.pairs() == [("edge-tls", "nginx-tls")]
+    assert report.ratios("edge-tls", "nginx-tls") == pytest.approx([0.6, 0.8])
+    assert report.core_ratios("edge-tls", "nginx-tls") == pytest.approx([0.6, 0.4])
+    summary = format_summary(report)
+    assert "edge-tls/nginx-tls req/s: 0.70" in summary
+    assert "edge-tls/nginx-tls per core: 0.50" in summary
+    assert "edge/nginx" not in summary
+    assert "per CPU core: **0.50**" in render_markdown(report)
+
+
+def test_tls_reference_and_wrk_modes(tmp_path: Path) -> None:
+    conf = nginx_tls_proxy_conf(
+        tmp_path, 8443, 9000, tmp_path / "bench.crt", tmp_path / "bench.key"
+    )
+    assert conf.count("listen 127.0.0.1:8443 ssl") == 2
+    assert f"ssl_ciphers {TLS_CIPHERS};" in conf and "ssl_protocols TLSv1.2 TLSv1.3;" in conf
+    argv = wrk_argv("wrk", 8443, duration=1, connections=4, scheme="https", close=True)
+    assert argv[-1] == "https://127.0.0.1:8443/"
+    assert argv[argv.index("Connection: close") - 1] == "-H"
+    assert "Connection: close" not in wrk_argv("wrk", 1, duration=1, connections=4)
+    assert session_cpu_seconds(os.getsid(0)) > 0
+
+
 def test_missing_tools_are_named_with_their_debian_package(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -250,6 +285,32 @@ async def _databases(server: str) -> list[str]:
         return [row["datname"] for row in await conn.fetch("SELECT datname FROM pg_database")]
     finally:
         await conn.close()
+
+
+@pytest.mark.needs_tool("nginx")
+@pytest.mark.needs_tool("wrk")
+def test_smoke_tls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The TLS targets: the edge and nginx with the same certificate, kept-alive and with a
+    new handshake per request, each pair's ratio (and per core) from the same round."""
+    if reason := _edge_unavailable():
+        pytest.skip(reason)
+    tools = _tools()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    targets = ("edge-tls", "nginx-tls", "edge-handshake", "nginx-handshake")
+    out = io.StringIO()
+
+    report = run_benchmark(smoke_config(*targets), tools, out=out)
+
+    for target in targets:
+        [measurement] = [m for m in report.measurements if m.target == target]
+        assert measurement.result.errors == 0, f"{target}\n{out.getvalue()}"
+        assert measurement.result.requests > 0
+        assert measurement.per_core is not None and measurement.per_core > 0
+    summary = format_summary(report)
+    assert "edge-tls/nginx-tls per core: " in summary
+    assert "edge-handshake/nginx-handshake per core: " in summary
+    assert list(tmp_path.iterdir()) == [], "temp dir not removed"
+    assert not _processes_mentioning(str(tmp_path)), "processes left running"
 
 
 @pytest.mark.needs_tool("nginx")
