@@ -1,4 +1,4 @@
-"""Throughput and latency of the Zeitwork edge against nginx as a reverse proxy.
+"""Throughput and latency of the Zeitwork edge against nginx (and HAProxy) as reverse proxies.
 
 What it measures: requests/s and p50/p99 latency of keep-alive HTTP/1.1 ``GET /`` requests
 proxied to one fast upstream, for the edge (``zeitwork edge --workers 1``) and for a reference
@@ -19,9 +19,18 @@ kept-alive connections (requests/s) or with ``Connection: close`` so that every 
 new connection and a full handshake (wrk resumes no sessions): new handshakes/s per core.
 Each pair's ratio is taken within a round, like edge/nginx.
 
+HAProxy (targets ``haproxy``, ``haproxy-tls``, ``haproxy-handshake``): a second reference, one
+process with one thread (``nbthread 1``) in HTTP mode in front of the same upstream, reusing
+upstream connections (``http-reuse always``), keep-alive on both sides, nginx's timeouts, no
+logging, and the same host check and X-Forwarded headers. Every target's requests/s (and per
+core) is also given as a ratio to the nginx target of its kind (plain, ``-tls``,
+``-handshake``) from the same round.
+
 Run from the repository root: ``.venv/bin/python -m bench.proxy [--rounds 3 --duration 10]``
-(``--targets edge-tls,nginx-tls,edge-handshake,nginx-handshake`` for TLS).
-Needs nginx (Debian package nginx-light) and wrk (Debian package wrk).
+(``--targets edge-tls,nginx-tls,edge-handshake,nginx-handshake`` for TLS,
+``--targets edge,nginx,haproxy`` with HAProxy).
+Needs nginx (Debian package nginx-light) and wrk (Debian package wrk); the HAProxy targets
+need haproxy (Debian package haproxy).
 """
 
 from __future__ import annotations
@@ -70,12 +79,23 @@ TARGETS = (
     "nginx-tls",
     "edge-handshake",
     "nginx-handshake",
+    "haproxy",
+    "haproxy-tls",
+    "haproxy-handshake",
 )
 # Targets over https://, and those where every request is a new connection (a handshake).
-TLS_TARGETS = frozenset({"edge-tls", "nginx-tls", "edge-handshake", "nginx-handshake"})
-HANDSHAKE_TARGETS = frozenset({"edge-handshake", "nginx-handshake"})
-# Ratios reported, each from the two runs of one round: (edge target, nginx target).
-RATIO_PAIRS = (("edge", "nginx"), ("edge-tls", "nginx-tls"), ("edge-handshake", "nginx-handshake"))
+TLS_TARGETS = frozenset(
+    {
+        "edge-tls",
+        "nginx-tls",
+        "haproxy-tls",
+        "edge-handshake",
+        "nginx-handshake",
+        "haproxy-handshake",
+    }
+)
+HANDSHAKE_TARGETS = frozenset({"edge-handshake", "nginx-handshake", "haproxy-handshake"})
+HAPROXY_TARGETS = frozenset({"haproxy", "haproxy-tls", "haproxy-handshake"})
 # The TLS suites of both proxies for TLS 1.2 (TLS 1.3's are OpenSSL's AEAD defaults).
 TLS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 UNREACHED_LIMIT = "1000000000/1000000000"
@@ -85,8 +105,16 @@ START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 # wrk stops on its own after -d; this only bounds a wrk that hangs.
 WRK_GRACE_S = 30.0
-# Debian package that provides each external tool.
-TOOL_PACKAGES = {"nginx": "nginx-light", "wrk": "wrk"}
+# Debian package that provides each external tool; haproxy is needed only by its targets.
+TOOL_PACKAGES = {"nginx": "nginx-light", "wrk": "wrk", "haproxy": "haproxy"}
+
+
+def nginx_reference(target: str) -> str:
+    """The nginx target that ``target``'s ratio is taken to: same transport, same round."""
+    for kind in ("-tls", "-handshake"):
+        if target.endswith(kind):
+            return "nginx" + kind
+    return "nginx"
 
 
 class BenchError(Exception):
@@ -94,7 +122,7 @@ class BenchError(Exception):
 
 
 class ToolMissingError(BenchError):
-    """nginx or wrk is not installed."""
+    """nginx, wrk or (for its targets) haproxy is not installed."""
 
 
 class WrkParseError(BenchError):
@@ -108,6 +136,8 @@ class WrkParseError(BenchError):
 class Tools:
     nginx: str
     wrk: str
+    # None: not installed, which only the HAProxy targets mind.
+    haproxy: str | None = None
 
 
 def which(name: str) -> str | None:
@@ -115,21 +145,26 @@ def which(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
 
 
-def find_tools() -> Tools:
-    """Locate nginx and wrk, naming every missing one and its Debian package."""
-    found = {name: which(name) for name in TOOL_PACKAGES}
-    missing = [name for name, path in found.items() if path is None]
-    if missing:
-        raise ToolMissingError(
-            "; ".join(
-                f"{name} not found (Debian package {TOOL_PACKAGES[name]}: "
-                f"apt-get install {TOOL_PACKAGES[name]})"
-                for name in missing
-            )
+def tools_missing(names: Sequence[str]) -> ToolMissingError:
+    return ToolMissingError(
+        "; ".join(
+            f"{name} not found (Debian package {TOOL_PACKAGES[name]}: "
+            f"apt-get install {TOOL_PACKAGES[name]})"
+            for name in names
         )
+    )
+
+
+def find_tools(targets: Sequence[str] = DEFAULT_TARGETS) -> Tools:
+    """Locate nginx, wrk and haproxy, naming every missing one that ``targets`` need and its
+    Debian package (haproxy is needed only by the HAProxy targets)."""
+    found = {name: which(name) for name in TOOL_PACKAGES}
+    needed = ["nginx", "wrk", *(["haproxy"] if HAPROXY_TARGETS & set(targets) else [])]
+    if missing := [name for name in needed if found[name] is None]:
+        raise tools_missing(missing)
     nginx, wrk = found["nginx"], found["wrk"]
     assert nginx is not None and wrk is not None
-    return Tools(nginx=nginx, wrk=wrk)
+    return Tools(nginx=nginx, wrk=wrk, haproxy=found["haproxy"])
 
 
 def default_edge_cmd() -> tuple[str, ...]:
@@ -615,6 +650,73 @@ def start_nginx(
     return procs.start(name, argv, port, prefix / "stdout.log", extra_logs=[prefix / "error.log"])
 
 
+def haproxy_proxy_conf(port: int, upstream_port: int, pem: Path | None = None) -> str:
+    """The second reference proxy: HAProxy doing what :func:`nginx_proxy_conf` does, on one
+    thread; with ``pem`` (certificate and key in one file) terminating TLS like
+    :func:`nginx_tls_proxy_conf`: TLS 1.2 and 1.3, the same suites (TLS 1.3's are OpenSSL's
+    defaults), session cache and tickets (HAProxy's defaults)."""
+    tls = (
+        f"""\
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+    ssl-default-bind-ciphers {TLS_CIPHERS}
+"""
+        if pem
+        else ""
+    )
+    bind = f"bind {HOST}:{port}" + (f" ssl crt {pem}" if pem else "")
+    # No "log" line anywhere: nothing is logged, like nginx's access_log off.
+    return f"""\
+global
+    nbthread 1
+    maxconn 4096
+{tls}
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    # nginx's: proxy_connect/read/send_timeout and client_header_timeout 60 s,
+    # keepalive_timeout 75 s (an idle client connection).
+    timeout connect 60s
+    timeout client 60s
+    timeout server 60s
+    timeout http-request 60s
+    timeout http-keep-alive 75s
+
+frontend bench
+    {bind}
+    # Host routing and forwarding headers: the work the edge and nginx do too.
+    http-request deny deny_status 404 unless {{ hdr(host) -i {VHOST} }}
+    option forwardfor
+    http-request set-header X-Forwarded-Proto {"https" if pem else "http"}
+    default_backend upstream
+
+backend upstream
+    server upstream {HOST}:{upstream_port}
+"""
+
+
+def start_haproxy(
+    procs: ProcessSet,
+    haproxy: str,
+    name: str,
+    prefix: Path,
+    port: int,
+    upstream_port: int,
+    certificate: tuple[Path, Path] | None = None,
+) -> Server:
+    prefix.mkdir(parents=True)
+    pem = None
+    if certificate is not None:
+        # HAProxy's "crt" takes the certificate and its key in one PEM file.
+        pem = prefix / "bench.pem"
+        pem.write_bytes(b"".join(path.read_bytes() for path in certificate))
+    conf_path = prefix / "haproxy.cfg"
+    conf_path.write_text(haproxy_proxy_conf(port, upstream_port, pem))
+    # -db: in the foreground, as the leader of the session whose CPU time is counted.
+    argv = [haproxy, "-db", "-f", str(conf_path)]
+    return procs.start(name, argv, port, prefix / "haproxy.log")
+
+
 def start_edge(
     procs: ProcessSet,
     edge_cmd: Sequence[str],
@@ -826,8 +928,13 @@ class Report:
         ]
 
     def pairs(self) -> list[tuple[str, str]]:
-        """The (edge, nginx) target pairs this run measured both of."""
-        return [p for p in RATIO_PAIRS if set(p) <= set(self.config.targets)]
+        """The (target, nginx target of its kind) pairs this run measured both of."""
+        targets = self.config.targets
+        return [
+            (target, reference)
+            for target in targets
+            if (reference := nginx_reference(target)) != target and reference in targets
+        ]
 
     @property
     def runs_with_errors(self) -> list[Measurement]:
@@ -857,11 +964,17 @@ def collect_environment(tools: Tools) -> dict[str, str]:
         commit += " (edge/ modified)"
     nginx = _output([tools.nginx, "-v"]).removeprefix("nginx version: ")
     wrk = _output([tools.wrk, "--version"]).split(" [")[0]
+    haproxy = ""
+    if tools.haproxy:
+        # "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/"
+        first = _output([tools.haproxy, "-v"]).partition("\n")[0].split()
+        haproxy = f"HAProxy {first[2]}" if first[:2] == ["HAProxy", "version"] else ""
     return {
         "cpu": f"{os.cpu_count()} x {cpu}",
         "kernel": platform.release(),
         "python": platform.python_version(),
         "nginx": nginx or "nginx ?",
+        "haproxy": haproxy or "HAProxy ?",
         "wrk": wrk or "wrk ?",
         "commit": commit,
         "date": time.strftime("%Y-%m-%d"),
@@ -872,7 +985,9 @@ def run_benchmark(
     config: BenchConfig, tools: Tools | None = None, out: TextIO = sys.stdout
 ) -> Report:
     """Start the upstream and the targets, drive them with wrk, stop everything."""
-    tools = tools or find_tools()
+    tools = tools or find_tools(config.targets)
+    if HAPROXY_TARGETS & set(config.targets) and tools.haproxy is None:
+        raise tools_missing(["haproxy"])
     report = Report(config=config, environment=collect_environment(tools))
 
     def say(line: str = "") -> None:
@@ -929,6 +1044,15 @@ def run_benchmark(
                     ),
                 )
                 server.port = https
+            elif name in HAPROXY_TARGETS:
+                assert tools.haproxy is not None
+                tls = None
+                if name in TLS_TARGETS:
+                    assert cert is not None and key is not None
+                    tls = (cert, key)
+                server = start_haproxy(
+                    procs, tools.haproxy, name, tmp / name, port, upstream.port, tls
+                )
             elif name in ("nginx-tls", "nginx-handshake"):
                 assert cert is not None and key is not None
                 prefix = tmp / name
@@ -1082,7 +1206,8 @@ def format_summary(report: Report) -> str:
 def render_markdown(report: Report) -> str:
     c, env = report.config, report.environment
     lines = [
-        "## Proxy benchmark: edge vs nginx",
+        "## Proxy benchmark: edge vs nginx"
+        + (" and HAProxy" if HAPROXY_TARGETS & set(c.targets) else ""),
         "",
         f"`wrk -t{WRK_THREADS} -c{c.connections} -d{c.duration}s --latency`, {c.rounds} rounds "
         f"interleaved, {c.warmup} s uncounted warm-up before each run. One worker per proxy; "
@@ -1136,7 +1261,9 @@ def render_markdown(report: Report) -> str:
     lines += [
         "",
         f"Machine: {env.get('cpu', '?')}, Linux {env.get('kernel', '?')}; "
-        f"Python {env.get('python', '?')}, {env.get('nginx', '?')}, {env.get('wrk', '?')}; "
+        f"Python {env.get('python', '?')}, {env.get('nginx', '?')}, "
+        + (f"{env.get('haproxy', '?')}, " if HAPROXY_TARGETS & set(c.targets) else "")
+        + f"{env.get('wrk', '?')}; "
         f"commit {env.get('commit', '?')}, {env.get('date', '?')}. "
         "Produced by `python -m bench.proxy`; wrk, the proxies and the upstream share the "
         "machine's CPUs. req/CPU-s: requests per CPU-second used by the proxy's processes "
@@ -1152,7 +1279,8 @@ def render_markdown(report: Report) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.proxy",
-        description="Benchmark the Zeitwork edge against nginx as a reverse proxy with wrk.",
+        description="Benchmark the Zeitwork edge against nginx (and HAProxy) as reverse "
+        "proxies with wrk.",
     )
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
     parser.add_argument("--connections", type=int, default=50, help="wrk connections")
@@ -1196,7 +1324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
             edge_cmd=tuple(shlex.split(args.edge_cmd)),
         )
-        report = run_benchmark(config, find_tools())
+        report = run_benchmark(config, find_tools(config.targets))
     except BenchError as exc:
         print(f"bench.proxy: error: {exc}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ from bench.proxy import (
     default_edge_cmd,
     find_tools,
     format_summary,
+    haproxy_proxy_conf,
     nginx_tls_proxy_conf,
     parse_wrk_output,
     render_markdown,
@@ -182,6 +183,28 @@ def test_tls_reference_and_wrk_modes(tmp_path: Path) -> None:
     assert session_cpu_seconds(os.getsid(0)) > 0
 
 
+def test_haproxy_reference_and_ratios_to_nginx_of_the_same_kind(tmp_path: Path) -> None:
+    plain = haproxy_proxy_conf(8080, 9000)
+    assert "nbthread 1" in plain and "http-reuse always" in plain
+    assert "bind 127.0.0.1:8080\n" in plain and "server upstream 127.0.0.1:9000" in plain
+    assert "timeout http-keep-alive 75s" in plain
+    assert "ssl" not in plain and "\n    log" not in plain
+    tls = haproxy_proxy_conf(8443, 9000, tmp_path / "bench.pem")
+    assert f"bind 127.0.0.1:8443 ssl crt {tmp_path / 'bench.pem'}" in tls
+    assert "ssl-min-ver TLSv1.2" in tls and f"ssl-default-bind-ciphers {TLS_CIPHERS}" in tls
+
+    targets = ("edge", "haproxy", "nginx", "haproxy-tls", "nginx-tls", "haproxy-handshake")
+    pairs = Report(config=BenchConfig(rounds=1, targets=targets)).pairs()
+    assert pairs == [("edge", "nginx"), ("haproxy", "nginx"), ("haproxy-tls", "nginx-tls")]
+    report = Report(config=BenchConfig(rounds=1, targets=("edge", "haproxy", "nginx")))
+    for target, rps in [("edge", 60.0), ("haproxy", 120.0), ("nginx", 100.0)]:
+        report.measurements.append(Measurement(1, target, _result(rps), cpu_s=1.0))
+    summary = format_summary(report)
+    assert "edge/nginx req/s: 0.60" in summary
+    assert "haproxy/nginx req/s: 1.20" in summary
+    assert "haproxy/nginx per core: 1.20" in summary
+
+
 def test_missing_tools_are_named_with_their_debian_package(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -191,14 +214,26 @@ def test_missing_tools_are_named_with_their_debian_package(
         find_tools()
     assert "nginx not found (Debian package nginx-light" in str(info.value)
     assert "wrk not found (Debian package wrk" in str(info.value)
+    # haproxy is only needed, and named, when a HAProxy target is asked for.
+    assert "haproxy" not in str(info.value)
+    with pytest.raises(ToolMissingError, match=r"haproxy not found \(Debian package haproxy"):
+        find_tools(("edge", "haproxy"))
+
+
+def test_missing_haproxy_alone_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("bench.proxy.which", lambda name: None if name == "haproxy" else name)
+
+    assert find_tools() == Tools(nginx="nginx", wrk="wrk", haproxy=None)
+    with pytest.raises(ToolMissingError, match=r"^haproxy not found \(Debian package haproxy"):
+        run_benchmark(smoke_config("haproxy-tls"), find_tools())
 
 
 # --- real runs ------------------------------------------------------------------------------
 
 
-def _tools() -> Tools:
+def _tools(*targets: str) -> Tools:
     try:
-        return find_tools()
+        return find_tools(targets or ("nginx",))
     except ToolMissingError as exc:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{exc}; CI must install them")
@@ -221,7 +256,7 @@ def _edge_unavailable() -> str | None:
 
 
 def _run_and_check(target: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    tools = _tools()
+    tools = _tools(target)
     # The benchmark's temp dir lands in tmp_path, so what it leaves behind can be checked.
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     out = io.StringIO()
@@ -254,6 +289,36 @@ def _processes_mentioning(text: str) -> list[str]:
 @pytest.mark.needs_tool("wrk")
 def test_smoke_nginx(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _run_and_check("nginx", monkeypatch, tmp_path)
+
+
+@pytest.mark.needs_tool("nginx")
+@pytest.mark.needs_tool("wrk")
+@pytest.mark.needs_tool("haproxy")
+def test_smoke_haproxy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _run_and_check("haproxy", monkeypatch, tmp_path)
+
+
+@pytest.mark.needs_tool("nginx")
+@pytest.mark.needs_tool("wrk")
+@pytest.mark.needs_tool("haproxy")
+def test_smoke_haproxy_tls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """HAProxy terminating TLS with the benchmark's certificate, kept-alive and with a new
+    handshake per request; its ratio to nginx-tls from the same round."""
+    targets = ("haproxy-tls", "nginx-tls", "haproxy-handshake")
+    tools = _tools(*targets)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    out = io.StringIO()
+
+    report = run_benchmark(smoke_config(*targets), tools, out=out)
+
+    for target in targets:
+        [measurement] = [m for m in report.measurements if m.target == target]
+        assert measurement.result.errors == 0, f"{target}\n{out.getvalue()}"
+        assert measurement.per_core is not None and measurement.per_core > 0
+    assert "haproxy-tls/nginx-tls per core: " in format_summary(report)
+    assert "HAProxy 2." in render_markdown(report)
+    assert list(tmp_path.iterdir()) == [], "temp dir not removed"
+    assert not _processes_mentioning(str(tmp_path)), "processes left running"
 
 
 @pytest.mark.needs_tool("nginx")
