@@ -32,7 +32,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -645,21 +645,39 @@ class Agent:
         self._reports_ready.set()
 
     async def _send_reports(self) -> None:
+        await self._deliver(
+            "reports", self._reports_ready, self._flush_reports, self.metrics.report_failures
+        )
+
+    async def _deliver(
+        self,
+        what: str,
+        ready: asyncio.Event,
+        flush: Callable[[OperatorClient], Awaitable[None]],
+        failures: Counter | None = None,
+        gather: float = 0.0,
+    ) -> None:
+        """Send what ``flush`` has whenever ``ready`` is set (after ``gather`` seconds, to
+        batch), on a connection of its own; kept and sent again with backoff while the
+        operator is unreachable."""
         client = self._client()
         backoff = Backoff()
         try:
             while True:
-                await self._reports_ready.wait()
+                await ready.wait()
+                if gather:
+                    await asyncio.sleep(gather)
                 try:
-                    await self._flush_reports(client)
+                    await flush(client)
                 except OperatorUnavailable as exc:
-                    self.metrics.report_failures.inc()
+                    if failures is not None:
+                        failures.inc()
                     delay = backoff.failed()
-                    log.warning("cannot send reports (%s); again in %.1f s", exc, delay)
+                    log.warning("cannot send %s (%s); again in %.1f s", what, exc, delay)
                     await asyncio.sleep(delay)
                     continue
                 except OperatorRefused as exc:
-                    self._refused(exc, "reports")
+                    self._refused(exc, what)
                     if self._fatal is not None:
                         return
                 backoff.ok()
@@ -709,26 +727,7 @@ class Agent:
         self._logs_ready.set()
 
     async def _ship_logs(self) -> None:
-        client = self._client()
-        backoff = Backoff()
-        try:
-            while True:
-                await self._logs_ready.wait()
-                await asyncio.sleep(0.2)  # gather a batch
-                try:
-                    await self._flush_logs(client)
-                except OperatorUnavailable as exc:
-                    delay = backoff.failed()
-                    log.warning("cannot ship logs (%s); again in %.1f s", exc, delay)
-                    await asyncio.sleep(delay)
-                    continue
-                except OperatorRefused as exc:
-                    self._refused(exc, "logs")
-                    if self._fatal is not None:
-                        return
-                backoff.ok()
-        finally:
-            await client.close()
+        await self._deliver("logs", self._logs_ready, self._flush_logs, gather=0.2)
 
     async def _flush_logs(self, client: OperatorClient) -> None:
         while self._logs:

@@ -431,9 +431,8 @@ async def run(
     raise AssertionError("unreachable")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--changes", type=int, default=200, help="flips to measure (200)")
+def add_database_options(parser: argparse.ArgumentParser) -> None:
+    """``--database-url`` or ``--embedded``: where the scratch database goes."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--database-url",
@@ -443,6 +442,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     source.add_argument(
         "--embedded", action="store_true", help="use an embedded PostgreSQL in a temp dir"
     )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--changes", type=int, default=200, help="flips to measure (200)")
+    add_database_options(parser)
     parser.add_argument(
         "--debounce", type=float, default=0.05, help="LiveRoutes debounce in seconds (0.05)"
     )

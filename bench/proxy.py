@@ -598,42 +598,21 @@ def nginx_tls_proxy_conf(prefix: Path, port: int, upstream_port: int, cert: Path
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed ECDSA P-256 certificate for VHOST (wrk does not verify it); both proxies
-    serve this one."""
+    """An ECDSA P-256 certificate for VHOST from a throwaway CA (wrk does not verify it); every
+    proxy serves this one."""
     # Imported here: only the TLS targets need it.
-    import datetime  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
 
-    from cryptography import x509  # noqa: PLC0415
-    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+    from edge import localca  # noqa: PLC0415
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, VHOST)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(VHOST)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    ca, ca_key = localca.new_ca("zeitwork bench CA", days=2)
+    cert, key = localca.issue(ca, ca_key, [VHOST], days=2)
     directory.mkdir(parents=True, exist_ok=True)
     # nginx workers drop privileges when started as root and read the files after that.
     directory.chmod(0o755)
     cert_path, key_path = directory / "bench.crt", directory / "bench.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    key_path.write_bytes(localca.key_pem(key))
     return cert_path, key_path
 
 

@@ -47,8 +47,8 @@ from uuid import UUID, uuid4
 import uvloop
 
 from bench.propagation import (
-    DEFAULT_ADMIN_URL,
     BenchError,
+    add_database_options,
     admin_url,
     embedded_server,
     scratch_database,
@@ -287,15 +287,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--instances-per-region", type=int, default=1, help="per deployment and region (1)"
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--database-url",
-        help="an admin DSN of the server to create the scratch database on"
-        f" (default: $DATABASE_URL, else {DEFAULT_ADMIN_URL})",
-    )
-    source.add_argument(
-        "--embedded", action="store_true", help="use an embedded PostgreSQL in a temp dir"
-    )
+    add_database_options(parser)
     args = parser.parse_args(argv)
     if args.hosts < 2 or args.repeats < 1 or args.instances_per_region < 1:
         parser.error("--hosts must be at least 2, --repeats and --instances-per-region 1")

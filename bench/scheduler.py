@@ -55,8 +55,8 @@ from uuid import UUID
 import uvloop
 
 from bench.propagation import (
-    DEFAULT_ADMIN_URL,
     BenchError,
+    add_database_options,
     admin_url,
     embedded_server,
     scratch_database,
@@ -508,15 +508,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help=f"exit 1 when a steady-state pass (load + plan) takes over {BUDGET_S:g} s",
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--database-url",
-        help="an admin DSN of the server to create the scratch database on"
-        f" (default: $DATABASE_URL, else {DEFAULT_ADMIN_URL})",
-    )
-    source.add_argument(
-        "--embedded", action="store_true", help="use an embedded PostgreSQL in a temp dir"
-    )
+    add_database_options(parser)
     args = parser.parse_args(argv)
     if args.regions < 1 or args.nodes < 2 * args.regions:
         parser.error("--regions must be at least 1 and --nodes at least twice --regions")

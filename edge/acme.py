@@ -45,11 +45,11 @@ from josepy.jwk import JWK, JWKEC
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from edge.config import LETS_ENCRYPT
-from edge.scheduling import Leadership
+from edge.leader import Leadership, Notifications
+from edge.ratelimit import LogThrottle
 from edge.secrets import SecretError, decrypt, encrypt
 from edge.store import acme as store
 from edge.store import certificates
-from edge.store.db import connect
 from edge.store.errors import TRANSLATED, StoreError, translate, translated
 
 log = logging.getLogger("edge.acme")
@@ -314,9 +314,11 @@ class CertificateManager:
         self.metrics = AcmeMetrics(registry) if registry is not None else None
         self._clock = clock
         self._wake = asyncio.Event()
-        self._listener: Any = None
+        self._notifications = (
+            Notifications(dsn, (CHANNEL,), self._wake) if dsn is not None else None
+        )
         self._task: asyncio.Task[None] | None = None
-        self._error_logged_at = -_ERROR_LOG_INTERVAL
+        self._errors = LogThrottle(_ERROR_LOG_INTERVAL)
         self._was_leader = False
 
     # -- the loop -------------------------------------------------------------------------
@@ -367,33 +369,19 @@ class CertificateManager:
                 await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _listen(self) -> None:
-        if self.dsn is None or (self._listener is not None and not self._listener.is_closed()):
+        if self._notifications is None:
             return
         try:
-            conn = await connect(self.dsn)
-            await conn.add_listener(CHANNEL, self._notified)
-            conn.add_termination_listener(self._terminated)
+            await self._notifications.listen()
         except _FAILURES as exc:
             self._error(f"cannot listen for verified domains (ticks go on): {translate(exc)}")
-            return
-        self._listener = conn
-
-    def _notified(self, *_: object) -> None:
-        self._wake.set()
-
-    def _terminated(self, *_: object) -> None:
-        self._listener = None
 
     async def _drop_listener(self) -> None:
-        conn, self._listener = self._listener, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2.0)
+        if self._notifications is not None:
+            await self._notifications.drop()
 
     def _error(self, message: str) -> None:
-        now = self._clock()
-        if now - self._error_logged_at >= _ERROR_LOG_INTERVAL:
-            self._error_logged_at = now
+        if self._errors.allow(self._clock()) is not None:
             log.error("ACME: %s", message)
 
     # -- a pass ---------------------------------------------------------------------------

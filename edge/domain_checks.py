@@ -18,12 +18,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from edge import dns
+from edge.leader import Leadership
 from edge.store import domains
 from edge.store.errors import TRANSLATED, StoreError, translate, translated
 
@@ -38,11 +39,6 @@ _DUE = (
 _NOT_POINTING = (
     "SELECT count(*) FROM domains WHERE verified_at IS NOT NULL AND last_check_ok = false"
 )
-
-
-class Leadership(Protocol):
-    @property
-    def is_leader(self) -> bool: ...
 
 
 class DomainChecker:

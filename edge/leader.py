@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from edge.store.db import connect
 from edge.store.errors import TRANSLATED, StoreError, translate
@@ -28,6 +28,20 @@ _FAILURES: tuple[type[BaseException], ...] = (StoreError, *TRANSLATED)
 
 # The advisory lock key of the platform's leader ("zeitwork" in ASCII, as a bigint).
 KEY = 0x7A65_6974_776F_726B
+
+
+class Leadership(Protocol):
+    """What a leader's loop asks of leadership (a :class:`LeaderLock`, or a test's stand-in)."""
+
+    @property
+    def is_leader(self) -> bool: ...
+
+
+class FencedLeadership(Leadership, Protocol):
+    """Leadership whose writes can be fenced (:attr:`LeaderLock.fence`)."""
+
+    @property
+    def fence(self) -> tuple[int, int] | None: ...
 
 
 class LeaderLock:
@@ -78,6 +92,45 @@ class LeaderLock:
             log.info("this edge is now the leader")
 
     async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 2.0)
+
+
+class Notifications:
+    """A dedicated LISTEN connection for a leader's loop: any notification on ``channels``
+    sets ``wake``. :meth:`listen` (re)connects when there is no live connection (a lost one
+    is noticed by its termination callback) and raises what connecting raised; :meth:`drop`
+    closes it, when the edge stops leading or stops."""
+
+    def __init__(self, dsn: str, channels: tuple[str, ...], wake: asyncio.Event) -> None:
+        self.dsn = dsn
+        self.channels = channels
+        self.wake = wake
+        self._conn: Any = None
+
+    async def listen(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            return
+        conn = await connect(self.dsn)
+        try:
+            for channel in self.channels:
+                await conn.add_listener(channel, self._notified)
+            conn.add_termination_listener(self._terminated)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
+        self._conn = conn
+
+    def _notified(self, *_: object) -> None:
+        self.wake.set()
+
+    def _terminated(self, *_: object) -> None:
+        self._conn = None
+
+    async def drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):

@@ -20,12 +20,13 @@ import time
 from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from edge.store.db import connect
+from edge.leader import FencedLeadership, Notifications
+from edge.ratelimit import LogThrottle
 from edge.store.errors import TRANSLATED, Conflict, StoreError, translate
 from edge.store.scheduling import apply_plan, load_snapshot
 from scheduler.reconciler import (
@@ -46,14 +47,6 @@ log = logging.getLogger("edge.scheduler")
 CHANNELS = ("zeitwork_routes", "zeitwork_scheduler")
 _FAILURES: tuple[type[BaseException], ...] = (StoreError, *TRANSLATED)
 _ERROR_LOG_INTERVAL = 30.0
-
-
-class Leadership(Protocol):
-    @property
-    def is_leader(self) -> bool: ...
-
-    @property
-    def fence(self) -> tuple[int, int] | None: ...
 
 
 class SchedulerMetrics:
@@ -89,7 +82,7 @@ class SchedulerLoop:
         self,
         pool: Any,
         dsn: str,
-        leader: Leadership,
+        leader: FencedLeadership,
         settings: Settings,
         *,
         interval: float = 1.0,
@@ -106,10 +99,10 @@ class SchedulerLoop:
         self.metrics = SchedulerMetrics(registry) if registry is not None else None
         self._clock = clock
         self._wake = asyncio.Event()
-        self._listener: Any = None
+        self._notifications = Notifications(dsn, CHANNELS, self._wake)
         self._task: asyncio.Task[None] | None = None
         self._waiting: dict[UUID, str] = {}
-        self._error_logged_at = -_ERROR_LOG_INTERVAL
+        self._errors = LogThrottle(_ERROR_LOG_INTERVAL)
         self._was_leader = False
 
     def start(self) -> None:
@@ -121,7 +114,7 @@ class SchedulerLoop:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self._drop_listener()
+        await self._notifications.drop()
 
     def wake(self) -> None:
         self._wake.set()
@@ -141,39 +134,18 @@ class SchedulerLoop:
                     log.info("scheduler stopped: this edge is no longer the leader")
                     self._was_leader = False
                     self._waiting.clear()
-                await self._drop_listener()
+                await self._notifications.drop()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
 
     async def _listen(self) -> None:
-        if self._listener is not None and not self._listener.is_closed():
-            return
         try:
-            conn = await connect(self.dsn)
-            for channel in CHANNELS:
-                await conn.add_listener(channel, self._notified)
-            conn.add_termination_listener(self._terminated)
+            await self._notifications.listen()
         except _FAILURES as exc:
             self._error(f"cannot listen for changes (ticks go on): {translate(exc)}")
-            return
-        self._listener = conn
-
-    def _notified(self, *_: object) -> None:
-        self._wake.set()
-
-    def _terminated(self, *_: object) -> None:
-        self._listener = None
-
-    async def _drop_listener(self) -> None:
-        conn, self._listener = self._listener, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2.0)
 
     def _error(self, message: str) -> None:
-        now = self._clock()
-        if now - self._error_logged_at >= _ERROR_LOG_INTERVAL:
-            self._error_logged_at = now
+        if self._errors.allow(self._clock()) is not None:
             log.error("scheduler: %s", message)
 
     async def run_pass(self) -> Plan | None:

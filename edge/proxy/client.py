@@ -163,6 +163,7 @@ class ClientConnection(asyncio.Protocol):
         "paused",
         "peer",
         "queue",
+        "scheme",
         "special",
         "tls",
         "transport",
@@ -178,6 +179,7 @@ class ClientConnection(asyncio.Protocol):
         self.worker = worker
         # Whether the connection came in on the HTTPS listener (TLS terminated below us).
         self.tls = tls
+        self.scheme = b"https" if tls else b"http"
         self.limits = worker.limits
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -214,7 +216,7 @@ class ClientConnection(asyncio.Protocol):
         self.trusted = self.worker.is_trusted(ip)
         self.forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: " % (
             self.peer,
-            b"https" if self.tls else b"http",
+            self.scheme,
         )
         transport.set_write_buffer_limits(high=self.limits.write_high_water)
         self.worker.clients.add(self)
@@ -476,7 +478,7 @@ class ClientConnection(asyncio.Protocol):
                 b"X-Forwarded-For: ",
                 xff + b", " + self.peer if trusted and xff else self.peer,
                 b"\r\nX-Forwarded-Proto: ",
-                xfp if trusted and xfp else (b"https" if self.tls else b"http"),
+                xfp if trusted and xfp else self.scheme,
                 b"\r\nX-Forwarded-Host: ",
                 xfh if trusted and xfh else host,
                 b"\r\nX-Request-Id: ",

@@ -3,17 +3,15 @@ client contexts that trust it."""
 
 from __future__ import annotations
 
-import datetime as dt
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-NOW = dt.datetime.now(dt.UTC)
+from edge import localca
 
 
 @dataclass(frozen=True)
@@ -34,77 +32,22 @@ class Leaf:
         return cert, key
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
 class CA:
-    """A self-signed CA that signs leaf certificates for any names."""
+    """A self-signed CA that signs leaf certificates for any names (edge.localca's)."""
 
     def __init__(self, name: str = "Zeitwork Test CA") -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(name))
-            .issuer_name(_name(name))
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - dt.timedelta(days=1))
-            .not_valid_after(NOW + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(self.key, hashes.SHA256())
-        )
+        self.cert, self.key = localca.new_ca(name, days=30)
         self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
     def issue(self, *names: str, days: int = 30, rsa_bits: int = 0) -> Leaf:
         """A certificate for ``names`` (the first is also its common name), with an ECDSA
         P-256 key, or an RSA key of ``rsa_bits``."""
-        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-        if rsa_bits:
-            key = rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits)
-        else:
-            key = ec.generate_private_key(ec.SECP256R1())
-        serial = x509.random_serial_number()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(names[0]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(serial)
-            .not_valid_before(NOW - dt.timedelta(hours=1))
-            .not_valid_after(NOW + dt.timedelta(days=days))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-            )
-            .sign(self.key, hashes.SHA256())
+        key = (
+            rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits) if rsa_bits else None
         )
+        cert, used = localca.issue(self.cert, self.key, names, days=days, key=key)
         chain = cert.public_bytes(serialization.Encoding.PEM) + self.pem
-        return Leaf(chain, _key_pem(key), serial, names)
+        return Leaf(chain, localca.key_pem(used), cert.serial_number, names)
 
     def client_context(
         self,
