@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from time import perf_counter as _clock
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
@@ -145,7 +145,10 @@ class Exchange:
         self.bytes_out = 0
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:
+    """The protocol of one client connection (an asyncio protocol by its methods: a class
+    compiled by mypyc cannot subclass :class:`asyncio.Protocol`)."""
+
     __slots__ = (
         "active",
         "bytes_out",
@@ -572,14 +575,19 @@ class ClientConnection(asyncio.Protocol):
         if not (lowered.startswith((b"http://", b"https://"))):
             raise RequestRejected(400, "invalid request target")
         try:
-            url = httptools.parse_url(target)
+            # Any: httptools' stubs promise bytes and int where a missing part is None, and
+            # compiled code checks the promise.
+            url: Any = httptools.parse_url(target)
         except httptools.HttpParserInvalidURLError:
             raise RequestRejected(400, "invalid request target") from None
-        authority = url.host.lower() + (b":%d" % url.port if url.port else b"")
+        if not url.host:
+            raise RequestRejected(400, "invalid request target")
+        url_host: bytes = url.host.lower()
+        authority = url_host + (b":%d" % url.port if url.port else b"")
         wanted = host.lower()
-        if authority != wanted and url.host.lower() != wanted:
+        if wanted not in (authority, url_host):
             raise RequestRejected(400, "request target names another host than Host")
-        path = url.path or b"/"
+        path: bytes = url.path or b"/"
         return path + b"?" + url.query if url.query else path
 
     def on_body(self, body: bytes) -> None:

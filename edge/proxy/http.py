@@ -6,7 +6,9 @@ way of writing a response the proxy generates itself.
 
 from __future__ import annotations
 
+import asyncio
 from http import HTTPStatus
+from typing import cast
 
 # Connection-specific headers (RFC 9110 7.6.1) plus the legacy ones proxies must not forward.
 # Content-Length and Transfer-Encoding are re-derived from the framing the proxy chooses.
@@ -30,6 +32,13 @@ CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # Methods the proxy forwards. CONNECT is refused: the edge is never an open forward proxy.
 ALLOWED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"
+
+
+def as_protocol(protocol: object) -> asyncio.BaseProtocol:
+    """``protocol`` as the loop's APIs type it: the proxy's connection classes have asyncio's
+    protocol methods without subclassing :class:`asyncio.Protocol` (mypyc compiles them, and
+    a compiled class cannot subclass an interpreted one)."""
+    return cast(asyncio.BaseProtocol, protocol)
 
 
 def connection_options(value: bytes) -> list[bytes]:

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from edge import metrics
-from edge.proxy.http import HOP_BY_HOP, VIA_TOKEN, connection_options, drop_fields
+from edge.proxy.http import HOP_BY_HOP, VIA_TOKEN, as_protocol, connection_options, drop_fields
+from edge.routing import Address
 
 if TYPE_CHECKING:
     from edge.proxy.client import ClientConnection, Exchange
     from edge.proxy.worker import ProxyWorker
-    from edge.routing import Address
 
 log = logging.getLogger("edge.upstream")
 
@@ -131,7 +131,7 @@ class UpstreamPool:
         conn.connecting = True
         try:
             await asyncio.wait_for(
-                worker.loop.create_connection(lambda: conn, self.host, self.port),
+                worker.loop.create_connection(lambda: as_protocol(conn), self.host, self.port),
                 worker.limits.upstream_connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
@@ -158,7 +158,9 @@ class UpstreamPool:
         self.idle.clear()
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
+    """The protocol of one connection to an instance (an asyncio protocol by its methods)."""
+
     __slots__ = (
         "chunked_in",
         "client",
@@ -559,13 +561,23 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
 
 
-class _DetachedPool:
-    """Pool stand-in for a connection already accounted for and being torn down."""
+class _DetachedPool(UpstreamPool):
+    """The pool of a connection already accounted for and being torn down: it has no worker
+    and forgets nothing, because nothing of the connection is left in any pool."""
 
-    address = "detached"
+    def __init__(self) -> None:  # no super().__init__: there is no worker to belong to
+        self.address = Address("detached", 0)
+        self.host = self.address.host
+        self.port = 0
+        self.idle = []
+        self.busy = 0
+        self.region = ""
+        self.down_until = 0.0
+        self.failures = 0
+        self.closed = True
 
     def discard(self, conn: UpstreamConnection) -> None:
         pass
 
 
-_DETACHED: UpstreamPool = _DetachedPool()  # type: ignore[assignment]
+_DETACHED: UpstreamPool = _DetachedPool()

@@ -23,6 +23,7 @@ from edge.accesslog import AccessLog
 from edge.config import EdgeConfig
 from edge.metrics import ProxyMetrics
 from edge.proxy.client import ClientConnection
+from edge.proxy.http import as_protocol
 from edge.proxy.upstream import UpstreamConnection, UpstreamPool
 from edge.ratelimit import Limiter, LogThrottle, RateLimit
 from edge.routing import Address, RouteProvider, RoutesError, RoutingTable
@@ -263,7 +264,7 @@ class ProxyWorker:
     async def start(self, sock: socket.socket, tls_sock: socket.socket | None = None) -> None:
         """Serve plain HTTP on ``sock`` and, with ``tls_sock`` (and :attr:`tls` set), HTTPS."""
         self._server = await self.loop.create_server(
-            lambda: ClientConnection(self), sock=sock, backlog=self.config.backlog
+            lambda: as_protocol(ClientConnection(self)), sock=sock, backlog=self.config.backlog
         )
         if tls_sock is not None:
             assert self.tls is not None, "HTTPS needs the worker's certificates"

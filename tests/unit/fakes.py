@@ -21,6 +21,7 @@ import h11
 
 from edge.config import EdgeConfig, ProxyLimits, parse_networks
 from edge.proxy.client import ClientConnection
+from edge.proxy.http import as_protocol
 from edge.proxy.upstream import UpstreamConnection, UpstreamPool
 from edge.proxy.worker import ProxyWorker
 from edge.routing import Address, FileRouteProvider, parse_address, parse_routes_document
@@ -310,7 +311,7 @@ class ProtocolRig:
 
     def client(self, peer: tuple[str, int] = CLIENT_PEER) -> FakeClient:
         protocol = ClientConnection(self.worker)
-        transport = FakeTransport(protocol, peer=peer, loop=self.loop)
+        transport = FakeTransport(as_protocol(protocol), peer=peer, loop=self.loop)
         protocol.connection_made(transport)  # type: ignore[arg-type]
         return FakeClient(protocol, transport)
 
@@ -320,7 +321,7 @@ class ProtocolRig:
         return self.worker.pools[parse_address(address)]
 
     def _open(self, pool: UpstreamPool, conn: UpstreamConnection) -> FakeInstance:
-        transport = FakeTransport(conn, peer=(pool.host, pool.port), loop=self.loop)
+        transport = FakeTransport(as_protocol(conn), peer=(pool.host, pool.port), loop=self.loop)
         conn.connection_made(transport)  # type: ignore[arg-type]
         instance = FakeInstance(conn, transport, str(pool.address))
         self.instances.append(instance)

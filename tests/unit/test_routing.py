@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
-from edge.config import ProxyLimits
+from edge.config import EdgeConfig, ProxyLimits
 from edge.proxy.upstream import UpstreamPool
-from edge.proxy.worker import Route
+from edge.proxy.worker import ProxyWorker, Route
 from edge.routing import (
     Address,
     FileRouteProvider,
@@ -220,11 +220,19 @@ def test_validation_error_names_the_file(tmp_path: Path) -> None:
 # -- Route.pick ------------------------------------------------------------------------------
 
 
+def _worker() -> ProxyWorker:
+    # Pools are only asked for busy, down_until and region (and eject() for the worker's
+    # limits); the worker is real (the compiled pool accepts nothing else), its loop unused.
+    config = EdgeConfig(limits=ProxyLimits(ejection_time=1.0, max_ejection_time=8.0))
+
+    async def make() -> ProxyWorker:
+        return ProxyWorker(config, FileRouteProvider(Path("unused-routes.json")))
+
+    return asyncio.run(make())
+
+
 def pools(n: int, region: str = "", first: int = 1) -> list[UpstreamPool]:
-    # Pools are only asked for busy, down_until and region (and eject() for its limits).
-    worker = cast(
-        Any, SimpleNamespace(limits=ProxyLimits(ejection_time=1.0, max_ejection_time=8.0))
-    )
+    worker = _worker()
     made = [UpstreamPool(worker, Address(f"10.0.0.{i + first}", 80)) for i in range(n)]
     for pool in made:
         pool.region = region
