@@ -437,11 +437,13 @@ class ClientConnection:
         ):
             return
 
+        # The Host as sent is the usual key; only when it is not one is a port or a trailing
+        # dot taken off (no route's host has either).
         name = host.lower()
-        if b":" in name and name[-1:].isdigit():
-            name = name.rpartition(b":")[0]
         route = worker.routes.get(name)
         if route is None:
+            if b":" in name and name[-1:].isdigit():
+                name = name.rpartition(b":")[0]
             route = worker.routes.get(name.rstrip(b"."))
         if route is not None and self.tls:
             ex.hsts = route.hsts
