@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from time import perf_counter as _clock
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import httptools
 
@@ -38,29 +38,29 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge.proxy")
 
-_VIA_LINE = b"\r\nVia: " + VIA_TOKEN + b"\r\n"
+_VIA_LINE: Final = b"\r\nVia: " + VIA_TOKEN + b"\r\n"
 
-INF = float("inf")
+INF: Final = float("inf")
 
 # Reasons for which reading from the client is paused (a bit mask).
-_PAUSE_UPSTREAM = 1  # the upstream's write buffer is above its high-water mark
-_PAUSE_PIPELINE = 2  # a pipelined request waits for the response before it
-_PAUSE_BUFFER = 4  # request body buffered while the upstream connection is being opened
-_PAUSE_DEAD = 8  # the parser failed or the connection is closing: never read again
+_PAUSE_UPSTREAM: Final = 1  # the upstream's write buffer is above its high-water mark
+_PAUSE_PIPELINE: Final = 2  # a pipelined request waits for the response before it
+_PAUSE_BUFFER: Final = 4  # request body buffered while the upstream connection is being opened
+_PAUSE_DEAD: Final = 8  # the parser failed or the connection is closing: never read again
 
 # Request headers handled specially; all others are forwarded as they are.
-_H_DROP = 1
-_H_HOST = 2
-_H_CONTENT_LENGTH = 3
-_H_TE = 4
-_H_CONNECTION = 5
-_H_UPGRADE = 6
-_H_EXPECT = 7
-_H_XFF = 8
-_H_XFP = 9
-_H_XFH = 10
-_H_REQUEST_ID = 11
-_H_VIA = 12
+_H_DROP: Final = 1
+_H_HOST: Final = 2
+_H_CONTENT_LENGTH: Final = 3
+_H_TE: Final = 4
+_H_CONNECTION: Final = 5
+_H_UPGRADE: Final = 6
+_H_EXPECT: Final = 7
+_H_XFF: Final = 8
+_H_XFP: Final = 9
+_H_XFH: Final = 10
+_H_REQUEST_ID: Final = 11
+_H_VIA: Final = 12
 REQUEST_SPECIAL = {
     **dict.fromkeys(HOP_BY_HOP, _H_DROP),
     b"host": _H_HOST,
@@ -348,10 +348,6 @@ class ClientConnection:
         method = parser.get_method()
         if method == b"CONNECT":
             raise RequestRejected(405, "CONNECT is not allowed", close=True)
-        if parser.should_upgrade():
-            # The parser hands the rest of the connection to the upgrade: unless a 101 turns
-            # it into a tunnel, it ends with this exchange.
-            ex.keep_alive = False
         ex.is_head = method == b"HEAD"
 
         host = self.host
@@ -381,6 +377,11 @@ class ClientConnection:
             elif code == _H_EXPECT:
                 expect = value
 
+        if upgrade is not None and parser.should_upgrade():
+            # The parser hands the rest of the connection to the upgrade: unless a 101 turns
+            # it into a tunnel, it ends with this exchange. (It upgrades only with an Upgrade
+            # header: CONNECT, its other case, was refused above.)
+            ex.keep_alive = False
         if host_count != 1 or not host:
             raise RequestRejected(
                 400, "missing Host header" if host_count == 0 else "exactly one Host header needed"
@@ -465,7 +466,8 @@ class ClientConnection:
                 return
         ex.route = route
 
-        if not parser.should_keep_alive():
+        # HTTP/1.1 without a Connection header keeps the connection; only other cases ask.
+        if (connection is not None or not ex.version_11) and not parser.should_keep_alive():
             ex.keep_alive = False
         if connection is not None:
             extra = connection_options(connection)

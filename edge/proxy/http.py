@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from http import HTTPStatus
-from typing import cast
+from typing import Final, cast
 
 # Connection-specific headers (RFC 9110 7.6.1) plus the legacy ones proxies must not forward.
 # Content-Length and Transfer-Encoding are re-derived from the framing the proxy chooses.
@@ -26,12 +26,12 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-VIA_TOKEN = b"1.1 zeitwork"
+VIA_TOKEN: Final = b"1.1 zeitwork"
 
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # Methods the proxy forwards. CONNECT is refused: the edge is never an open forward proxy.
-ALLOWED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"
+ALLOWED_METHODS: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"
 
 
 def as_protocol(protocol: object) -> asyncio.BaseProtocol:
@@ -43,6 +43,9 @@ def as_protocol(protocol: object) -> asyncio.BaseProtocol:
 
 def connection_options(value: bytes) -> list[bytes]:
     """Field names listed in a Connection header, besides close/keep-alive/upgrade."""
+    # What nearly every message says: two compiled comparisons, no lowering or hashing.
+    if value == b"keep-alive" or value == b"close":  # noqa: PLR1714
+        return []
     lowered = value.lower()
     if lowered in _PLAIN_CONNECTION:
         return []
@@ -75,7 +78,7 @@ def reason(status: int) -> bytes:
 
 
 # Paths of ACME HTTP-01 challenges: never rate limited, never redirected to HTTPS.
-ACME_CHALLENGE = b"/.well-known/acme-challenge/"
+ACME_CHALLENGE: Final = b"/.well-known/acme-challenge/"
 
 # What a Host may hold for a redirect to be built from it: a name or IPv4 address, or an
 # IPv6 literal in brackets; then a port, which the redirect drops.

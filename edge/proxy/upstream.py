@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from time import perf_counter as _clock
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -27,22 +27,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge.upstream")
 
-INF = float("inf")
+INF: Final = float("inf")
 
 # How the response body is framed towards the client.
-BODY_NONE = 0  # HEAD, 1xx, 204, 304
-BODY_LENGTH = 1  # Content-Length passed through
-BODY_CHUNKED = 2  # re-chunked for an HTTP/1.1 client
-BODY_RAW = 3  # close-delimited, for an HTTP/1.0 client
+BODY_NONE: Final = 0  # HEAD, 1xx, 204, 304
+BODY_LENGTH: Final = 1  # Content-Length passed through
+BODY_CHUNKED: Final = 2  # re-chunked for an HTTP/1.1 client
+BODY_RAW: Final = 3  # close-delimited, for an HTTP/1.0 client
 
 # Response headers handled specially; everything else is copied as is.
-_R_DROP = 1
-_R_TE = 2
-_R_CONNECTION = 3
-_R_CONTENT_LENGTH = 4
-_R_VIA = 5
-_R_UPGRADE = 6
-_R_HSTS = 7
+_R_DROP: Final = 1
+_R_TE: Final = 2
+_R_CONNECTION: Final = 3
+_R_CONTENT_LENGTH: Final = 4
+_R_VIA: Final = 5
+_R_UPGRADE: Final = 6
+_R_HSTS: Final = 7
 RESPONSE_SPECIAL = {
     **dict.fromkeys(HOP_BY_HOP, _R_DROP),
     b"connection": _R_CONNECTION,
@@ -53,7 +53,7 @@ RESPONSE_SPECIAL = {
     b"strict-transport-security": _R_HSTS,
 }
 
-MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_HEAD: Final = 64 * 1024
 
 
 class UpstreamError(Exception):
