@@ -76,6 +76,10 @@ REQUEST_SPECIAL = {
     b"via": _H_VIA,
 }
 
+# Bit n is set when some special field's name has n bytes: most fields (User-Agent aside)
+# are told ordinary by their length alone, without lowering and hashing the name.
+_SPECIAL_LENGTHS: Final = sum(1 << n for n in {len(name) for name in REQUEST_SPECIAL})
+
 
 class Exchange:
     """One request and its response."""
@@ -323,15 +327,19 @@ class ClientConnection:
         ex = self.cur
         if ex is None or ex.head:
             return  # a trailer field of a chunked body; not forwarded
-        code = REQUEST_SPECIAL.get(name.lower())
-        if code is None:
-            self.headers += (name, b": ", value, b"\r\n")
-        elif code == _H_HOST:
-            self.host_count += 1
-            self.host = value
-            self.headers += (name, b": ", value, b"\r\n")
-        else:
-            self.special.append((code, value))
+        headers = self.headers
+        if (_SPECIAL_LENGTHS >> len(name)) & 1:
+            code = REQUEST_SPECIAL.get(name.lower())
+            if code is not None:
+                if code != _H_HOST:
+                    self.special.append((code, value))
+                    return
+                self.host_count += 1
+                self.host = value
+        headers.append(name)
+        headers.append(b": ")
+        headers.append(value)
+        headers.append(b"\r\n")
 
     def on_headers_complete(self) -> None:
         ex = self.cur

@@ -52,8 +52,12 @@ RESPONSE_SPECIAL = {
     b"via": _R_VIA,
     b"strict-transport-security": _R_HSTS,
 }
+# Bit n is set when some special field's name has n bytes (Date, Server, Content-Type ...
+# are told ordinary by their length alone).
+_SPECIAL_LENGTHS: Final = sum(1 << n for n in {len(name) for name in RESPONSE_SPECIAL})
 
 MAX_RESPONSE_HEAD: Final = 64 * 1024
+_STATUS_200: Final = b"HTTP/1.1 200 OK\r\n"
 
 
 class UpstreamError(Exception):
@@ -344,17 +348,20 @@ class UpstreamConnection:
         if self.headers_done:
             return  # trailer fields are not forwarded
         # Ordinary fields go straight into the head being built (after its status line).
-        code = RESPONSE_SPECIAL.get(name.lower())
-        if code is None:
-            self.headers += (name, b": ", value, b"\r\n")
-        elif code == _R_CONTENT_LENGTH:
-            self.content_length = value
-            self.headers += (name, b": ", value, b"\r\n")
-        elif code == _R_HSTS:
-            self.has_hsts = True
-            self.headers += (name, b": ", value, b"\r\n")
-        else:
-            self.special.append((code, name, value))
+        headers = self.headers
+        if (_SPECIAL_LENGTHS >> len(name)) & 1:
+            code = RESPONSE_SPECIAL.get(name.lower())
+            if code == _R_CONTENT_LENGTH:
+                self.content_length = value
+            elif code == _R_HSTS:
+                self.has_hsts = True
+            elif code is not None:
+                self.special.append((code, name, value))
+                return
+        headers.append(name)
+        headers.append(b": ")
+        headers.append(value)
+        headers.append(b"\r\n")
 
     def on_headers_complete(self) -> None:
         ex = self.ex
@@ -422,7 +429,11 @@ class UpstreamConnection:
     def _copy_headers(self, status: int) -> tuple[list[bytes], bytes | None]:
         """The status line and the end-to-end headers of the response, plus Via."""
         parts = self.headers
-        parts[0] = b"HTTP/1.1 %d %s\r\n" % (status, self.reason)
+        reason = self.reason
+        if status == 200 and reason == b"OK":
+            parts[0] = _STATUS_200
+        else:
+            parts[0] = b"HTTP/1.1 %d %s\r\n" % (status, reason)
         self.chunked_in = False
         via = None
         drop_extra: list[bytes] | None = None
