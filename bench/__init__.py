@@ -1,1 +1,2 @@
-"""Benchmarks of the Zeitwork edge; run them as modules, e.g. ``python -m bench.proxy``."""
+"""Benchmarks of the Zeitwork edge, run as modules: ``python -m bench`` for the proxy suite
+(:mod:`bench.proxy`), ``python -m bench.propagation`` and the others for the rest."""

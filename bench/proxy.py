@@ -1,36 +1,31 @@
-"""Throughput and latency of the Zeitwork edge against nginx (and HAProxy) as reverse proxies.
+"""The proxy benchmark suite: the Zeitwork edge beside nginx and HAProxy, scenario by scenario.
 
-What it measures: requests/s and p50/p99 latency of keep-alive HTTP/1.1 ``GET /`` requests
-proxied to one fast upstream, for the edge (``zeitwork edge --workers 1``) and for a reference
-nginx reverse proxy (``worker_processes 1``, pooled upstream connections), both in front of the
-same upstream: an nginx with one worker answering every request with a 12-byte body.
+What it measures: for each scenario of :mod:`bench.scenarios` (small keep-alive requests,
+64 KiB responses, 1 MiB uploads, a new connection per request, TLS kept-alive and new
+handshakes, rate limiting on, idle connections) and each proxy it runs (the edge with
+``--workers 1``, nginx with ``worker_processes 1``, HAProxy with ``nbthread 1``, the edge
+routing from PostgreSQL), requests/s and latency (p50/p99/p99.9) from wrk, the CPU time the
+proxy's processes used (so requests per CPU-second: what one core would serve), and for
+the idle connections the proxy's memory before and after opening them.
 
-How: every process listens on a free 127.0.0.1 port. Each target is driven in turn by
-``wrk -t1 -c50 -d10s --latency -H 'Host: bench.local'`` after an uncounted warm-up, for several
-rounds interleaved (edge, nginx, edge, nginx, ...) so that drift of the machine hits both
-alike. The summary gives per-target medians and the median of the per-round edge/nginx ratios;
-it is printed and written as Markdown to bench/results/proxy.md. A run in which wrk saw
-non-2xx/3xx responses or socket errors is reported and makes the exit status non-zero.
+How: one upstream (an nginx worker: 12 bytes on ``/``, a 64 KiB file on ``/64k``, and
+``/upload`` that reads the whole body before answering with its length) sits behind every
+proxy. Each proxy runs in processes of its own for each way a scenario configures it
+(plain HTTP, TLS, the edge rate limiting, sized for idle connections), each listening on a
+free 127.0.0.1 port; everything is started first and checked with one request of each
+scenario. Then, for several rounds, every (scenario, proxy) cell is driven in turn by wrk
+after an uncounted warm-up, so that drift of the machine hits all alike, and ratios are
+taken to nginx in the same scenario and round. During each run the benchmark also reads
+how much CPU other processes used: a run they disturbed is flagged, and medians leave
+disturbed rounds out where undisturbed ones exist (:mod:`bench.report`). The results go
+to bench/results/suite.md and a chart to bench/results/suite.png. A run with errors (wrk's
+non-2xx/3xx or socket errors, short bodies, uploads the upstream did not get whole) is
+reported and makes the exit status 1.
 
-TLS (targets ``edge-tls``/``nginx-tls`` and ``edge-handshake``/``nginx-handshake``): the
-same proxies terminating TLS on one core each with the same certificate (ECDSA P-256, made
-for the run), TLS 1.2 and 1.3 with the same AEAD suites; wrk over ``https://``, either on
-kept-alive connections (requests/s) or with ``Connection: close`` so that every request is a
-new connection and a full handshake (wrk resumes no sessions): new handshakes/s per core.
-Each pair's ratio is taken within a round, like edge/nginx.
-
-HAProxy (targets ``haproxy``, ``haproxy-tls``, ``haproxy-handshake``): a second reference, one
-process with one thread (``nbthread 1``) in HTTP mode in front of the same upstream, reusing
-upstream connections (``http-reuse always``), keep-alive on both sides, nginx's timeouts, no
-logging, and the same host check and X-Forwarded headers. Every target's requests/s (and per
-core) is also given as a ratio to the nginx target of its kind (plain, ``-tls``,
-``-handshake``) from the same round.
-
-Run from the repository root: ``.venv/bin/python -m bench.proxy [--rounds 3 --duration 10]``
-(``--targets edge-tls,nginx-tls,edge-handshake,nginx-handshake`` for TLS,
-``--targets edge,nginx,haproxy`` with HAProxy).
-Needs nginx (Debian package nginx-light) and wrk (Debian package wrk); the HAProxy targets
-need haproxy (Debian package haproxy).
+Run from the repository root: ``.venv/bin/python -m bench`` (the whole suite, defaults: 3
+rounds of 8 s) or e.g. ``--scenarios keepalive,tls --proxies edge,nginx``. Needs nginx and
+its echo module (Debian packages nginx-light, libnginx-mod-http-echo), wrk (wrk) and
+haproxy (haproxy); each only where a chosen scenario or proxy needs it.
 """
 
 from __future__ import annotations
@@ -39,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import functools
 import http.client
 import json
 import os
@@ -49,84 +45,78 @@ import shutil
 import signal
 import socket
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+from bench.errors import BenchError, ToolMissingError
+from bench.idle import FD_MARGIN, IdleConnectionError, open_idle, raise_nofile_limit
+from bench.procfs import (
+    Memory,
+    cpu_snapshot,
+    is_disturbed,
+    others_cores_between,
+    session_memory,
+)
+from bench.report import (
+    IdleMeasurement,
+    Measurement,
+    Report,
+    format_kb,
+    format_mb,
+    format_ms,
+    format_per_core,
+    format_round_table,
+    format_summary,
+    render_markdown,
+)
+from bench.scenarios import (
+    EDGE_PROXIES,
+    PROXIES,
+    SCENARIOS,
+    BenchConfig,
+    Scenario,
+    default_edge_cmd,
+    setup_of,
+)
+from bench.wrk import WRK_THREADS, WrkResult, parse_wrk_output, wrk_argv
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "proxy.md"
+DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "suite.md"
 HOST = "127.0.0.1"
 VHOST = "bench.local"
 UPSTREAM_BODY = b"hello world\n"
-# "edge-pg" is the edge routing from PostgreSQL (a scratch database on $DATABASE_URL's server,
-# or the local one) instead of a routes file: the same request path, so the same figures.
-# "edge-limited" is the routes-file edge with per-client rate limiting on, at a limit no
-# client reaches: every request pays for the check, none is refused.
-TARGETS = (
-    "edge",
-    "edge-pg",
-    "edge-limited",
-    "nginx",
-    "edge-tls",
-    "nginx-tls",
-    "edge-handshake",
-    "nginx-handshake",
-    "haproxy",
-    "haproxy-tls",
-    "haproxy-handshake",
-)
-# Targets over https://, and those where every request is a new connection (a handshake).
-TLS_TARGETS = frozenset(
-    {
-        "edge-tls",
-        "nginx-tls",
-        "haproxy-tls",
-        "edge-handshake",
-        "nginx-handshake",
-        "haproxy-handshake",
-    }
-)
-HANDSHAKE_TARGETS = frozenset({"edge-handshake", "nginx-handshake", "haproxy-handshake"})
-HAPROXY_TARGETS = frozenset({"haproxy", "haproxy-tls", "haproxy-handshake"})
-# The TLS suites of both proxies for TLS 1.2 (TLS 1.3's are OpenSSL's AEAD defaults).
-TLS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# The upstream's /64k: a fixed pattern, so that a body can be checked byte for byte.
+BODY_64K = (b"zeitwork-bench-64k-" * 3500)[: SCENARIOS["64k"].response_bytes]
+# The edge's limit in the rate-limited scenario: a rate no client reaches.
 UNREACHED_LIMIT = "1000000000/1000000000"
-DEFAULT_TARGETS = ("edge", "nginx")
-WRK_THREADS = 1
+# The TLS suites of all proxies for TLS 1.2 (TLS 1.3's are OpenSSL's AEAD defaults).
+TLS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# Keep-alive timeout of every proxy in the idle scenario: long past the measurement.
+IDLE_KEEPALIVE_S = 300
+# Let the proxy settle after the last idle connection before its memory is read: up to a
+# second for 10,000 connections.
+IDLE_SETTLE_S_PER_CONNECTION = 1e-4
+IDLE_OPEN_TIMEOUT_S = 120.0
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 # wrk stops on its own after -d; this only bounds a wrk that hangs.
 WRK_GRACE_S = 30.0
-# Debian package that provides each external tool; haproxy is needed only by its targets.
-TOOL_PACKAGES = {"nginx": "nginx-light", "wrk": "wrk", "haproxy": "haproxy"}
-
-
-def nginx_reference(target: str) -> str:
-    """The nginx target that ``target``'s ratio is taken to: same transport, same round."""
-    for kind in ("-tls", "-handshake"):
-        if target.endswith(kind):
-            return "nginx" + kind
-    return "nginx"
-
-
-class BenchError(Exception):
-    """A failure that deserves one clear message rather than a traceback."""
-
-
-class ToolMissingError(BenchError):
-    """nginx, wrk or (for its targets) haproxy is not installed."""
-
-
-class WrkParseError(BenchError):
-    """wrk printed something this module does not understand."""
+# Debian package that provides each external tool.
+TOOL_PACKAGES = {
+    "nginx": "nginx-light",
+    "wrk": "wrk",
+    "haproxy": "haproxy",
+    "nginx echo module": "libnginx-mod-http-echo",
+}
+ECHO_MODULE = "ngx_http_echo_module.so"
 
 
 # --- external tools ------------------------------------------------------------------------
@@ -136,8 +126,10 @@ class WrkParseError(BenchError):
 class Tools:
     nginx: str
     wrk: str
-    # None: not installed, which only the HAProxy targets mind.
+    # None: not installed, which only HAProxy cells mind.
     haproxy: str | None = None
+    # The dynamic module the upstream's /upload needs; None: not installed or not looked for.
+    echo_module: str | None = None
 
 
 def which(name: str) -> str | None:
@@ -155,138 +147,33 @@ def tools_missing(names: Sequence[str]) -> ToolMissingError:
     )
 
 
-def find_tools(targets: Sequence[str] = DEFAULT_TARGETS) -> Tools:
-    """Locate nginx, wrk and haproxy, naming every missing one that ``targets`` need and its
-    Debian package (haproxy is needed only by the HAProxy targets)."""
-    found = {name: which(name) for name in TOOL_PACKAGES}
-    needed = ["nginx", "wrk", *(["haproxy"] if HAPROXY_TARGETS & set(targets) else [])]
-    if missing := [name for name in needed if found[name] is None]:
+def find_echo_module(nginx: str) -> str | None:
+    """The echo module's file in nginx's modules directory (from ``nginx -V``)."""
+    modules = Path("/usr/lib/nginx/modules")
+    if match := re.search(r"--modules-path=(\S+)", _output([nginx, "-V"])):
+        modules = Path(match.group(1))
+    path = modules / ECHO_MODULE
+    return str(path) if path.is_file() else None
+
+
+def find_tools(config: BenchConfig | None = None) -> Tools:
+    """Locate the tools, naming every missing one that ``config`` needs and its Debian
+    package: nginx and wrk always, haproxy for HAProxy cells, nginx's echo module for the
+    upload scenario."""
+    config = config or BenchConfig(scenarios=("keepalive",), proxies=("nginx",))
+    found = {name: which(name) for name in ("nginx", "wrk", "haproxy")}
+    needed = ["nginx", "wrk", *(["haproxy"] if "haproxy" in config.proxies_used() else [])]
+    missing = [name for name in needed if found[name] is None]
+    echo = None
+    if found["nginx"] is not None and "upload" in config.scenarios:
+        echo = find_echo_module(found["nginx"])
+        if echo is None:
+            missing.append("nginx echo module")
+    if missing:
         raise tools_missing(missing)
     nginx, wrk = found["nginx"], found["wrk"]
     assert nginx is not None and wrk is not None
-    return Tools(nginx=nginx, wrk=wrk, haproxy=found["haproxy"])
-
-
-def default_edge_cmd() -> tuple[str, ...]:
-    """The ``zeitwork`` script next to the running interpreter, i.e. the venv's."""
-    return (str(Path(sys.executable).parent / "zeitwork"),)
-
-
-# --- wrk output ----------------------------------------------------------------------------
-
-# wrk prints times with the largest unit that keeps the number >= 1: us, ms, s, then m and h.
-_TIME_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
-_TIME = r"(\d+(?:\.\d+)?)(us|ms|s|m|h)"
-_PERCENTILE_RE = re.compile(rf"^\s*(\d+(?:\.\d+)?)%\s+{_TIME}\s*$", re.MULTILINE)
-_REQUESTS_RE = re.compile(rf"^\s*(\d+) requests in {_TIME},", re.MULTILINE)
-_RPS_RE = re.compile(r"^Requests/sec:\s+(\d+(?:\.\d+)?)\s*$", re.MULTILINE)
-_SOCKET_ERRORS_RE = re.compile(
-    r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
-)
-_NON_2XX_RE = re.compile(r"Non-2xx or 3xx responses: (\d+)")
-SOCKET_ERROR_KINDS = ("connect", "read", "write", "timeout")
-
-
-def time_to_ms(value: str, unit: str) -> float:
-    """Convert a wrk time (``"520.12"``, ``"us"``) to milliseconds."""
-    try:
-        return float(value) * _TIME_UNIT_MS[unit]
-    except KeyError:
-        raise WrkParseError(f"unknown wrk time unit {unit!r}") from None
-
-
-@dataclass(frozen=True)
-class WrkResult:
-    """What one wrk run measured; latencies in milliseconds."""
-
-    requests: int
-    duration_s: float
-    requests_per_sec: float
-    latency_ms: Mapping[int, float]
-    non_2xx_3xx: int = 0
-    socket_errors: Mapping[str, int] = field(
-        default_factory=lambda: dict.fromkeys(SOCKET_ERROR_KINDS, 0)
-    )
-
-    @property
-    def p50_ms(self) -> float:
-        return self.latency_ms[50]
-
-    @property
-    def p99_ms(self) -> float:
-        return self.latency_ms[99]
-
-    @property
-    def errors(self) -> int:
-        return self.non_2xx_3xx + sum(self.socket_errors.values())
-
-    def describe_errors(self) -> str:
-        sockets = ", ".join(f"{kind} {self.socket_errors[kind]}" for kind in SOCKET_ERROR_KINDS)
-        plural = "" if self.errors == 1 else "s"
-        return (
-            f"{self.errors} error{plural}: non-2xx/3xx {self.non_2xx_3xx}; socket errors {sockets}"
-        )
-
-
-def parse_wrk_output(text: str) -> WrkResult:
-    """Parse the report of ``wrk --latency``.
-
-    wrk prints the "Socket errors" and "Non-2xx or 3xx" lines only when they are non-zero, so
-    their absence means zero; anything else missing is an error.
-    """
-    rps = _RPS_RE.search(text)
-    requests = _REQUESTS_RE.search(text)
-    latency = {
-        int(float(pct)): time_to_ms(value, unit)
-        for pct, value, unit in _PERCENTILE_RE.findall(text)
-    }
-    missing = [
-        what
-        for what, ok in (
-            ("Requests/sec", rps is not None),
-            ("'N requests in T' line", requests is not None),
-            ("50% latency (was --latency given?)", 50 in latency),
-            ("99% latency (was --latency given?)", 99 in latency),
-        )
-        if not ok
-    ]
-    if missing or rps is None or requests is None:
-        raise WrkParseError(f"wrk output lacks {', '.join(missing)}:\n{text}")
-    socket_errors = dict.fromkeys(SOCKET_ERROR_KINDS, 0)
-    if match := _SOCKET_ERRORS_RE.search(text):
-        socket_errors = dict(zip(SOCKET_ERROR_KINDS, map(int, match.groups()), strict=True))
-    non_2xx = _NON_2XX_RE.search(text)
-    return WrkResult(
-        requests=int(requests.group(1)),
-        duration_s=time_to_ms(requests.group(2), requests.group(3)) / 1000,
-        requests_per_sec=float(rps.group(1)),
-        latency_ms=latency,
-        non_2xx_3xx=int(non_2xx.group(1)) if non_2xx else 0,
-        socket_errors=socket_errors,
-    )
-
-
-def wrk_argv(
-    wrk: str,
-    port: int,
-    *,
-    duration: int,
-    connections: int,
-    scheme: str = "http",
-    close: bool = False,
-) -> list[str]:
-    """wrk's command line; ``close``: every request on a new connection."""
-    return [
-        wrk,
-        f"-t{WRK_THREADS}",
-        f"-c{connections}",
-        f"-d{duration}s",
-        "--latency",
-        "-H",
-        f"Host: {VHOST}",
-        *(["-H", "Connection: close"] if close else []),
-        f"{scheme}://{HOST}:{port}/",
-    ]
+    return Tools(nginx=nginx, wrk=wrk, haproxy=found["haproxy"], echo_module=echo)
 
 
 # --- processes -----------------------------------------------------------------------------
@@ -340,49 +227,12 @@ def _signals_deferred() -> Iterator[None]:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def run_wrk(
-    wrk: str,
-    port: int,
-    *,
-    duration: int,
-    connections: int,
-    scheme: str = "http",
-    close: bool = False,
-) -> str:
-    """Run wrk against ``port`` and return its report; a failing wrk is a BenchError."""
-    argv = wrk_argv(
-        wrk, port, duration=duration, connections=connections, scheme=scheme, close=close
-    )
-    try:
-        done = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_PREEXEC,
-            capture_output=True,
-            text=True,
-            timeout=duration + WRK_GRACE_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise BenchError(
-            f"wrk did not finish within {duration + WRK_GRACE_S:.0f} s: {shlex.join(argv)}"
-        ) from None
-    if done.returncode != 0:
-        raise BenchError(
-            f"wrk failed (exit {done.returncode}): {shlex.join(argv)}\n{done.stdout}{done.stderr}"
-        )
-    return done.stdout
-
-
 @dataclass
 class Server:
     name: str
     port: int
     proc: subprocess.Popen[bytes]
     logs: tuple[Path, ...]
-    # How wrk drives it: over https://, and with a new connection per request.
-    scheme: str = "http"
-    close: bool = False
 
     def log_tail(self, lines: int = 20) -> str:
         parts = []
@@ -447,26 +297,42 @@ class ProcessSet:
                 server.proc.wait()
 
 
-def session_cpu_seconds(session: int) -> float:
-    """User and system CPU time of the live processes of ``session`` (a server started in a
-    session of its own: the master and its workers)."""
-    ticks = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rpartition(")")[2].split()
-            # After "(comm)": state ppid pgrp session ... utime (11) stime (12).
-            if int(fields[3]) == session:
-                ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
 
 
-def http_get(
-    port: int, host_header: str, timeout: float = 2.0, scheme: str = "http"
+def run_wrk(argv: Sequence[str], duration: int) -> str:
+    """Run wrk and return its report; a failing wrk is a BenchError."""
+    try:
+        done = subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_PREEXEC,
+            capture_output=True,
+            text=True,
+            timeout=duration + WRK_GRACE_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(
+            f"wrk did not finish within {duration + WRK_GRACE_S:.0f} s: {shlex.join(argv)}"
+        ) from None
+    if done.returncode != 0:
+        raise BenchError(
+            f"wrk failed (exit {done.returncode}): {shlex.join(argv)}\n{done.stdout}{done.stderr}"
+        )
+    return done.stdout
+
+
+def http_request(
+    port: int,
+    *,
+    scheme: str = "http",
+    method: str = "GET",
+    path: str = "/",
+    body: bytes | None = None,
+    timeout: float = 5.0,
 ) -> tuple[int, bytes]:
     conn: http.client.HTTPConnection
     if scheme == "https":
@@ -477,21 +343,21 @@ def http_get(
     else:
         conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
-        conn.request("GET", "/", headers={"Host": host_header})
+        conn.request(method, path, body=body, headers={"Host": VHOST})
         response = conn.getresponse()
         return response.status, response.read()
     finally:
         conn.close()
 
 
-def wait_ready(server: Server, timeout: float = START_TIMEOUT_S) -> None:
+def wait_ready(server: Server, scheme: str = "http", timeout: float = START_TIMEOUT_S) -> None:
     """Wait until ``GET /`` through ``server`` returns 200 with the upstream's body."""
     deadline = time.monotonic() + timeout
     last = "no attempt"
     while time.monotonic() < deadline:
         server.check_alive("before answering GET /")
         try:
-            status, body = http_get(server.port, VHOST, scheme=server.scheme)
+            status, body = http_request(server.port, scheme=scheme, timeout=2.0)
         except (OSError, http.client.HTTPException) as exc:
             last = f"{type(exc).__name__}: {exc}"
         else:
@@ -505,51 +371,138 @@ def wait_ready(server: Server, timeout: float = START_TIMEOUT_S) -> None:
     )
 
 
-# --- nginx and edge ------------------------------------------------------------------------
+def check_scenario(server: Server, scenario: Scenario) -> None:
+    """One request of ``scenario`` through ``server``, checked whole before anything is
+    measured: the 64 KiB body byte for byte, the upload's length as the upstream received it."""
+    if scenario.kind != "wrk" or scenario.path == "/":
+        return
+    body = b"z" * scenario.body_bytes if scenario.body_bytes else None
+    try:
+        status, answer = http_request(
+            server.port,
+            scheme=scenario.scheme,
+            method=scenario.method,
+            path=scenario.path,
+            body=body,
+            timeout=10.0,
+        )
+    except (OSError, http.client.HTTPException) as exc:
+        raise BenchError(
+            f"{server.name}: {scenario.method} {scenario.path} failed: {exc}\n{server.log_tail()}"
+        ) from None
+    problem = None
+    if status != 200:
+        problem = f"HTTP {status} with body {answer[:100]!r}"
+    elif scenario.name == "64k" and answer != BODY_64K:
+        problem = f"a body of {len(answer)} bytes, not the upstream's {len(BODY_64K)}"
+    elif body is not None and int(answer or b"0") < len(body):
+        # The upstream answers with its $request_length: request head and body.
+        problem = f"the upstream received {int(answer or b'0')} bytes of a {len(body)}-byte body"
+    if problem:
+        raise BenchError(
+            f"{server.name}: {scenario.method} {scenario.path} gave {problem}\n{server.log_tail()}"
+        )
 
 
-def _nginx_conf(prefix: Path, http_block: str) -> str:
+# --- configurations ------------------------------------------------------------------------
+
+
+def _nginx_conf(
+    prefix: Path,
+    http_block: str,
+    *,
+    worker_connections: int = 4096,
+    keepalive_timeout: int = 75,
+    main: str = "",
+) -> str:
     # Temp paths are set explicitly because Debian's compiled-in ones live in /var/lib/nginx.
     temp = "\n".join(
         f"    {kind}_temp_path {prefix / kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
+    # worker_connections counts client and upstream connections alike, one descriptor each.
+    nofile = (
+        f"worker_rlimit_nofile {worker_connections + 1024};\n" if worker_connections > 4096 else ""
+    )
+    # Started by root, nginx would run its workers as nobody, who cannot read what the
+    # benchmark wrote (the /64k file) in its private temp dir: they run as root then too.
+    user = "user root;\n" if os.geteuid() == 0 else ""
     return f"""\
-worker_processes 1;
-daemon off;
+{main}{user}worker_processes 1;
+{nofile}daemon off;
 master_process on;
 pid {prefix / "nginx.pid"};
 error_log {prefix / "error.log"} warn;
 events {{
-    worker_connections 4096;
+    worker_connections {worker_connections};
 }}
 http {{
     access_log off;
 {temp}
     # Clients keep their connections for the whole run, as wrk expects.
     keepalive_requests 1000000;
-    keepalive_timeout 75s;
+    keepalive_timeout {keepalive_timeout}s;
 {http_block}}}
 """
 
 
-def upstream_conf(prefix: Path, port: int) -> str:
+def upstream_conf(prefix: Path, port: int, echo_module: str | None = None) -> str:
+    """The upstream every proxy forwards to: 12 bytes on ``/``, the file ``64k`` (written
+    by :func:`start_upstream`) on ``/64k``, and with ``echo_module`` ``/upload``, which reads
+    the whole body into memory, then answers with ``$request_length`` (head and body) and
+    logs it to ``upload.log``."""
     body = UPSTREAM_BODY.decode().replace("\n", "\\n")
+    upload = (
+        f"""\
+        location = /upload {{
+            echo_read_request_body;
+            # An internal redirect once the body is in: "return" then answers with a
+            # Content-Length, and the log line is written where the answer is made.
+            echo_exec /uploaded;
+        }}
+        location = /uploaded {{
+            internal;
+            access_log {prefix / "upload.log"} request_length;
+            default_type text/plain;
+            return 200 "$request_length\\n";
+        }}
+"""
+        if echo_module
+        else ""
+    )
     return _nginx_conf(
         prefix,
         f"""\
+    log_format request_length '$request_length';
     server {{
         listen {HOST}:{port};
+        client_max_body_size 2m;
+        client_body_buffer_size 2m;
+        location = /64k {{
+            root {prefix / "files"};
+            default_type application/octet-stream;
+            open_file_cache max=16;
+        }}
+{upload}\
         location / {{
             default_type text/plain;
             return 200 "{body}";
         }}
     }}
 """,
+        main=f"load_module {echo_module};\n" if echo_module else "",
     )
 
 
-def nginx_proxy_conf(prefix: Path, port: int, upstream_port: int) -> str:
+def nginx_proxy_conf(
+    prefix: Path, port: int, upstream_port: int, *, idle_connections: int | None = None
+) -> str:
+    """The reference proxy; with ``idle_connections`` sized and timed for that many idle
+    client connections."""
+    worker_connections, keepalive_timeout = 4096, 75
+    if idle_connections is not None:
+        worker_connections = max(4096, idle_connections + 1024)
+        keepalive_timeout = IDLE_KEEPALIVE_S
     return _nginx_conf(
         prefix,
         f"""\
@@ -566,6 +519,15 @@ def nginx_proxy_conf(prefix: Path, port: int, upstream_port: int) -> str:
         # Host routing and forwarding headers: the work the edge does too.
         listen {HOST}:{port};
         server_name {VHOST};
+        # Uploads are streamed to the upstream as they arrive, as the edge and HAProxy do;
+        # nginx's default would first read each whole body (to a temp file past 16 KiB).
+        # Streaming through its default 16 KiB buffer costs nginx about twice the CPU per
+        # upload; 256 KiB is what the edge reads at a time (uvloop's read buffer).
+        client_max_body_size 2m;
+        proxy_request_buffering off;
+        client_body_buffer_size 256k;
+        # Responses are buffered in memory only, never in a temp file.
+        proxy_max_temp_file_size 0;
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -576,6 +538,8 @@ def nginx_proxy_conf(prefix: Path, port: int, upstream_port: int) -> str:
         }}
     }}
 """,
+        worker_connections=worker_connections,
+        keepalive_timeout=keepalive_timeout,
     )
 
 
@@ -597,43 +561,19 @@ def nginx_tls_proxy_conf(prefix: Path, port: int, upstream_port: int, cert: Path
     )
 
 
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """An ECDSA P-256 certificate for VHOST from a throwaway CA (wrk does not verify it); every
-    proxy serves this one."""
-    # Imported here: only the TLS targets need it.
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-
-    from edge import localca  # noqa: PLC0415
-
-    ca, ca_key = localca.new_ca("zeitwork bench CA", days=2)
-    cert, key = localca.issue(ca, ca_key, [VHOST], days=2)
-    directory.mkdir(parents=True, exist_ok=True)
-    # nginx workers drop privileges when started as root and read the files after that.
-    directory.chmod(0o755)
-    cert_path, key_path = directory / "bench.crt", directory / "bench.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(localca.key_pem(key))
-    return cert_path, key_path
-
-
-def start_nginx(
-    procs: ProcessSet, nginx: str, name: str, prefix: Path, port: int, conf: str
-) -> Server:
-    prefix.mkdir(parents=True)
-    # nginx workers drop privileges when started as root and must still reach the temp dirs.
-    prefix.chmod(0o755)
-    conf_path = prefix / "nginx.conf"
-    conf_path.write_text(conf)
-    # -e: startup messages go to our log instead of Debian's /var/log/nginx/error.log.
-    argv = [nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf_path)]
-    return procs.start(name, argv, port, prefix / "stdout.log", extra_logs=[prefix / "error.log"])
-
-
-def haproxy_proxy_conf(port: int, upstream_port: int, pem: Path | None = None) -> str:
+def haproxy_proxy_conf(
+    port: int,
+    upstream_port: int,
+    pem: Path | None = None,
+    *,
+    idle_connections: int | None = None,
+) -> str:
     """The second reference proxy: HAProxy doing what :func:`nginx_proxy_conf` does, on one
     thread; with ``pem`` (certificate and key in one file) terminating TLS like
     :func:`nginx_tls_proxy_conf`: TLS 1.2 and 1.3, the same suites (TLS 1.3's are OpenSSL's
-    defaults), session cache and tickets (HAProxy's defaults)."""
+    defaults), session cache and tickets (HAProxy's defaults). With ``idle_connections``
+    sized and timed for that many idle client connections. Bodies are streamed both ways
+    (HAProxy buffers a request body only with ``option http-buffer-request``)."""
     tls = (
         f"""\
     ssl-default-bind-options ssl-min-ver TLSv1.2
@@ -642,24 +582,31 @@ def haproxy_proxy_conf(port: int, upstream_port: int, pem: Path | None = None) -
         if pem
         else ""
     )
+    maxconn = 4096 if idle_connections is None else max(4096, idle_connections + 1024)
+    # HAProxy asks for two descriptors per connection (client and server side), more than
+    # a hard limit of twice the idle connections may allow. It needs only one per idle
+    # client connection (server connections are pooled): so it runs with the limit it gets
+    # (a warning) instead of refusing to start.
+    nofile = "    no strict-limits\n" if idle_connections is not None else ""
+    # nginx's: client_header_timeout 60 s, keepalive_timeout 75 s (an idle client connection).
+    client, keepalive = (60, 75) if idle_connections is None else (IDLE_KEEPALIVE_S,) * 2
     bind = f"bind {HOST}:{port}" + (f" ssl crt {pem}" if pem else "")
     # No "log" line anywhere: nothing is logged, like nginx's access_log off.
     return f"""\
 global
     nbthread 1
-    maxconn 4096
-{tls}
+    maxconn {maxconn}
+{nofile}{tls}
 defaults
     mode http
     option http-keep-alive
     http-reuse always
-    # nginx's: proxy_connect/read/send_timeout and client_header_timeout 60 s,
-    # keepalive_timeout 75 s (an idle client connection).
+    # nginx's proxy_connect/read/send_timeout and client_header_timeout 60 s.
     timeout connect 60s
-    timeout client 60s
+    timeout client {client}s
     timeout server 60s
     timeout http-request 60s
-    timeout http-keep-alive 75s
+    timeout http-keep-alive {keepalive}s
 
 frontend bench
     {bind}
@@ -674,6 +621,41 @@ backend upstream
 """
 
 
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """An ECDSA P-256 certificate for VHOST from a throwaway CA (wrk does not verify it); every
+    proxy serves this one."""
+    # Imported here: only the TLS scenarios need it.
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
+    from edge import localca  # noqa: PLC0415
+
+    ca, ca_key = localca.new_ca("zeitwork bench CA", days=2)
+    cert, key = localca.issue(ca, ca_key, [VHOST], days=2)
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "bench.crt", directory / "bench.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(localca.key_pem(key))
+    return cert_path, key_path
+
+
+def start_nginx(
+    procs: ProcessSet, nginx: str, name: str, prefix: Path, port: int, conf: str
+) -> Server:
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf_path = prefix / "nginx.conf"
+    conf_path.write_text(conf)
+    # -e: startup messages go to our log instead of Debian's /var/log/nginx/error.log.
+    argv = [nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf_path)]
+    return procs.start(name, argv, port, prefix / "stdout.log", extra_logs=[prefix / "error.log"])
+
+
+def start_upstream(procs: ProcessSet, tools: Tools, prefix: Path, port: int) -> Server:
+    (prefix / "files").mkdir(parents=True)
+    (prefix / "files" / "64k").write_bytes(BODY_64K)
+    conf = upstream_conf(prefix, port, tools.echo_module)
+    return start_nginx(procs, tools.nginx, "upstream", prefix, port, conf)
+
+
 def start_haproxy(
     procs: ProcessSet,
     haproxy: str,
@@ -682,6 +664,7 @@ def start_haproxy(
     port: int,
     upstream_port: int,
     certificate: tuple[Path, Path] | None = None,
+    idle_connections: int | None = None,
 ) -> Server:
     prefix.mkdir(parents=True)
     pem = None
@@ -690,7 +673,9 @@ def start_haproxy(
         pem = prefix / "bench.pem"
         pem.write_bytes(b"".join(path.read_bytes() for path in certificate))
     conf_path = prefix / "haproxy.cfg"
-    conf_path.write_text(haproxy_proxy_conf(port, upstream_port, pem))
+    conf_path.write_text(
+        haproxy_proxy_conf(port, upstream_port, pem, idle_connections=idle_connections)
+    )
     # -db: in the foreground, as the leader of the session whose CPU time is counted.
     argv = [haproxy, "-db", "-f", str(conf_path)]
     return procs.start(name, argv, port, prefix / "haproxy.log")
@@ -726,7 +711,7 @@ def start_edge(
         str(port),
         "--workers",
         "1",
-        *_edge_host_args(edge_cmd),
+        *_edge_host_args(tuple(edge_cmd)),
         *extra,
     ]
     return procs.start(name, argv, port, workdir / "edge.log")
@@ -736,7 +721,7 @@ def start_edge(
 def seeded_database(upstream_port: int) -> Iterator[str]:
     """A scratch platform database in which VHOST is a verified custom domain whose current
     deployment's one running, healthy instance is the upstream; dropped afterwards."""
-    # Imported here: the other targets need neither asyncpg nor the store.
+    # Imported here: the other proxies need neither asyncpg nor the store.
     from bench.propagation import (  # noqa: PLC0415
         admin_url,
         create_scratch_database,
@@ -787,7 +772,8 @@ def seeded_database(upstream_port: int) -> Iterator[str]:
         asyncio.run(drop_scratch_database(server, dsn))
 
 
-def _edge_host_args(edge_cmd: Sequence[str]) -> list[str]:
+@functools.cache
+def _edge_host_args(edge_cmd: tuple[str, ...]) -> tuple[str, ...]:
     # Keep the edge on loopback like everything else here, where the CLI lets us choose, and
     # without its admin API (measured here is the proxy, and the port may be taken).
     args: list[str] = []
@@ -801,123 +787,312 @@ def _edge_host_args(edge_cmd: Sequence[str]) -> list[str]:
                 break
         if re.search(r"(?<![\w-])--admin-port(?![\w-])", done.stdout):
             args += ["--admin-port", "0"]
-    return args
+    return tuple(args)
 
 
 # --- the benchmark -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BenchConfig:
-    duration: int = 10
-    connections: int = 50
-    rounds: int = 3
-    warmup: int = 2
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    edge_cmd: tuple[str, ...] = field(default_factory=default_edge_cmd)
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.targets) - set(TARGETS))
-        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
-            raise BenchError(
-                f"targets must be distinct names among {', '.join(TARGETS)}, "
-                f"got {','.join(self.targets)}"
-            )
-        if self.duration < 1 or self.rounds < 1 or self.warmup < 0:
-            raise BenchError("duration and rounds must be >= 1 and warmup >= 0")
-        if self.connections < WRK_THREADS:
-            raise BenchError(f"connections must be >= {WRK_THREADS} (the wrk threads)")
-
-
-@dataclass(frozen=True)
-class Measurement:
-    round: int
-    target: str
-    result: WrkResult
-    # CPU time (user + system) the target's processes used during the run; None: unknown.
-    cpu_s: float | None = None
-
-    @property
-    def per_core(self) -> float | None:
-        """Requests per CPU-second of the target: what one fully used core would serve."""
-        if not self.cpu_s:
-            return None
-        return self.result.requests / self.cpu_s
-
-
-@dataclass(frozen=True)
-class TargetSummary:
-    target: str
-    requests_per_sec: float
-    p50_ms: float
-    p99_ms: float
-    runs: int
-    runs_with_errors: int
-    per_core: float | None = None
-
-
 @dataclass
-class Report:
-    config: BenchConfig
-    environment: dict[str, str] = field(default_factory=dict)
-    measurements: list[Measurement] = field(default_factory=list)
+class Cell:
+    """One scenario with one proxy, and the proxy's processes."""
 
-    def results(self, target: str) -> list[WrkResult]:
-        return [m.result for m in self.measurements if m.target == target]
+    scenario: Scenario
+    proxy: str
+    server: Server
+    # Idle scenario: the proxy's memory as started and checked with one request. Every
+    # round's figure is compared to it, since what a process once took it mostly keeps.
+    baseline: Memory | None = None
 
-    def summary(self, target: str) -> TargetSummary:
-        results = self.results(target)
-        per_core = [
-            m.per_core for m in self.measurements if m.target == target and m.per_core is not None
-        ]
-        return TargetSummary(
-            target=target,
-            requests_per_sec=statistics.median(r.requests_per_sec for r in results),
-            p50_ms=statistics.median(r.p50_ms for r in results),
-            p99_ms=statistics.median(r.p99_ms for r in results),
-            runs=len(results),
-            runs_with_errors=sum(1 for r in results if r.errors),
-            per_core=statistics.median(per_core) if per_core else None,
+
+def start_proxy(
+    procs: ProcessSet,
+    tools: Tools,
+    config: BenchConfig,
+    workdir: Path,
+    scenario: Scenario,
+    proxy: str,
+    upstream: Server,
+    certificate: tuple[Path, Path] | None,
+    database_url: str | None,
+) -> Server:
+    """Start ``proxy`` set up for ``scenario`` in front of ``upstream`` (not waited for)."""
+    name = f"{proxy} ({setup_of(scenario, proxy)})"
+    port = free_port()
+    idle = config.idle_connections if scenario.kind == "idle" else None
+    tls = certificate if scenario.scheme == "https" else None
+    if scenario.scheme == "https" and certificate is None:
+        raise BenchError(f"{name}: a TLS scenario needs the run's certificate")
+    if proxy in EDGE_PROXIES:
+        extra: list[str] = []
+        https = None
+        if tls is not None:
+            https = free_port()
+            extra += ["--https-port", str(https), "--no-https-redirect"]
+            extra += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+        if scenario.rate_limited:
+            extra += ["--rate-limit", UNREACHED_LIMIT]
+        if idle is not None:
+            extra += ["--keepalive-timeout", str(IDLE_KEEPALIVE_S)]
+        dsn = database_url if proxy == "edge-pg" else None
+        if proxy == "edge-pg" and dsn is None:
+            raise BenchError(f"{name}: no database to route from")
+        server = start_edge(procs, config.edge_cmd, workdir, port, upstream.port, dsn, name, extra)
+        if https is not None:
+            server.port = https
+        return server
+    if proxy == "haproxy":
+        if tools.haproxy is None:
+            raise tools_missing(["haproxy"])
+        return start_haproxy(
+            procs, tools.haproxy, name, workdir, port, upstream.port, tls, idle_connections=idle
+        )
+    if tls is not None:
+        conf = nginx_tls_proxy_conf(workdir, port, upstream.port, *tls)
+    else:
+        conf = nginx_proxy_conf(workdir, port, upstream.port, idle_connections=idle)
+    return start_nginx(procs, tools.nginx, name, workdir, port, conf)
+
+
+def _upload_lengths(log: Path, offset: int) -> list[int]:
+    """Request lengths the upstream logged for uploads past byte ``offset`` of its log."""
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            return [int(line) for line in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def measure_wrk(
+    tools: Tools,
+    config: BenchConfig,
+    cell: Cell,
+    round_no: int,
+    upstream: Server,
+    sessions: Sequence[int],
+    say: Callable[[str], None],
+) -> Measurement:
+    """One measured wrk run of ``cell`` (after its warm-up), with the CPU time of the proxy
+    and of everything else, and the checks of what came back."""
+    scenario, server = cell.scenario, cell.server
+
+    def argv(duration: int) -> list[str]:
+        return wrk_argv(
+            tools.wrk,
+            HOST,
+            server.port,
+            scenario,
+            vhost=VHOST,
+            duration=duration,
+            connections=config.connections,
         )
 
-    def ratios_by_round(self, edge: str = "edge", nginx: str = "nginx") -> dict[int, float]:
-        """``edge``/``nginx`` requests/s of each round that measured both."""
-        by_round: dict[int, dict[str, float]] = {}
-        for m in self.measurements:
-            by_round.setdefault(m.round, {})[m.target] = m.result.requests_per_sec
-        return {
-            round_no: figures[edge] / figures[nginx]
-            for round_no, figures in sorted(by_round.items())
-            if figures.get(nginx) and edge in figures
-        }
+    if config.warmup:
+        warm = parse_wrk_output(run_wrk(argv(config.warmup), config.warmup))
+        # Not counted, but a hint when the measured run then fails too.
+        if warm.errors:
+            say(f"(warm-up of {server.name}: {warm.describe_errors()})")
+    upload_log = upstream.logs[0].parent / "upload.log"
+    offset = _size(upload_log)
+    before = cpu_snapshot(sessions)
+    output = run_wrk(argv(config.duration), config.duration)
+    after = cpu_snapshot(sessions)
+    # A proxy that crashed mid-run would otherwise show up as mere socket errors.
+    for proc in (server, upstream):
+        proc.check_alive(f"during round {round_no} of {server.name}")
+    result = parse_wrk_output(output)
+    pid = server.proc.pid
+    others = others_cores_between(before, after)
+    lengths = _upload_lengths(upload_log, offset) if scenario.body_bytes else None
+    return Measurement(
+        round=round_no,
+        scenario=scenario.name,
+        proxy=cell.proxy,
+        result=result,
+        cpu_s=after.sessions_s[pid] - before.sessions_s[pid],
+        others_cores=others,
+        disturbed=is_disturbed(others, config.disturbed_cores),
+        problems=tuple(answer_problems(scenario, result, lengths)),
+        upstream_requests=None if lengths is None else len(lengths),
+        upstream_bytes=None if lengths is None else sum(lengths),
+    )
 
-    def ratios(self, edge: str = "edge", nginx: str = "nginx") -> list[float]:
-        return list(self.ratios_by_round(edge, nginx).values())
 
-    def core_ratios(self, edge: str, nginx: str) -> list[float]:
-        """``edge``/``nginx`` requests per CPU-second, of each round that measured both."""
-        by_round: dict[int, dict[str, float]] = {}
-        for m in self.measurements:
-            if m.per_core is not None:
-                by_round.setdefault(m.round, {})[m.target] = m.per_core
-        return [
-            figures[edge] / figures[nginx]
-            for _, figures in sorted(by_round.items())
-            if figures.get(nginx) and edge in figures
-        ]
+def answer_problems(
+    scenario: Scenario, result: WrkResult, upload_lengths: Sequence[int] | None = None
+) -> list[str]:
+    """What is wrong with a run's answers: wrk read less than the scenario's bodies, or the
+    upstream (``upload_lengths``: the request lengths it logged) got uploads short or not
+    at all."""
+    problems = []
+    if result.bytes_read < result.requests * scenario.response_bytes:
+        problems.append(
+            f"wrk read {result.bytes_read:,} bytes for {result.requests:,} responses, less "
+            f"than their {scenario.response_bytes:,}-byte bodies"
+        )
+    if scenario.body_bytes and upload_lengths is not None:
+        if short := sum(1 for n in upload_lengths if n < scenario.body_bytes):
+            problems.append(
+                f"the upstream got {short} upload(s) shorter than {scenario.body_bytes:,} bytes"
+            )
+        if len(upload_lengths) < (answered := result.requests - result.non_2xx_3xx):
+            problems.append(
+                f"the upstream answered {len(upload_lengths):,} uploads, wrk got "
+                f"{answered:,} answers"
+            )
+    return problems
 
-    def pairs(self) -> list[tuple[str, str]]:
-        """The (target, nginx target of its kind) pairs this run measured both of."""
-        targets = self.config.targets
-        return [
-            (target, reference)
-            for target in targets
-            if (reference := nginx_reference(target)) != target and reference in targets
-        ]
 
-    @property
-    def runs_with_errors(self) -> list[Measurement]:
-        return [m for m in self.measurements if m.result.errors]
+def measure_idle(config: BenchConfig, cell: Cell, round_no: int) -> IdleMeasurement:
+    """Memory of ``cell``'s proxy with ``config.idle_connections`` idle connections, beside
+    its baseline; a failure to open them all is recorded, not raised."""
+    server = cell.server
+    before = cell.baseline or session_memory(server.proc.pid)
+    pid = server.proc.pid
+    count = config.idle_connections
+    request = f"GET / HTTP/1.1\r\nHost: {VHOST}\r\n\r\n".encode()
+    try:
+        conns = open_idle(HOST, server.port, count, request, timeout=IDLE_OPEN_TIMEOUT_S)
+    except IdleConnectionError as exc:
+        server.check_alive(f"while opening idle connections in round {round_no}")
+        return IdleMeasurement(round_no, cell.proxy, count, before, error=str(exc))
+    with conns:
+        time.sleep(min(1.0, 0.1 + count * IDLE_SETTLE_S_PER_CONNECTION))
+        after = session_memory(pid)
+        closed = conns.closed_by_peer()
+    server.check_alive(f"with idle connections in round {round_no}")
+    return IdleMeasurement(
+        round_no, cell.proxy, count, before, after, open_s=conns.open_s, closed_by_peer=closed
+    )
+
+
+def _describe(m: Measurement | IdleMeasurement) -> str:
+    if isinstance(m, IdleMeasurement):
+        if m.after is None:
+            return f"!! {m.error}"
+        text = (
+            f"{m.connections:,} idle connections opened in {m.open_s:.1f} s: Pss "
+            f"{format_mb(m.before.pss)} -> {format_mb(m.after.pss)} "
+            f"({format_kb(m.per_connection_bytes)} per connection)"
+        )
+        return text + (f" !! {m.closed_by_peer} closed by the proxy" if m.failed else "")
+    text = (
+        f"{m.result.requests_per_sec:,.0f} req/s, {format_per_core(m.per_core)} req/CPU-s, "
+        f"p99 {format_ms(m.result.p99_ms)}, others {m.others_cores or 0:.2f} cores"
+    )
+    if m.disturbed:
+        text += " (disturbed)"
+    return text + (f" !! {m.describe_problems()}" if m.failed else "")
+
+
+def estimated_seconds(config: BenchConfig) -> float:
+    """Rough wall time of a run: the wrk runs and warm-ups, a few seconds per idle cell, the
+    start-up."""
+    wrk = sum(1 for s, _ in config.cells() if s.kind == "wrk")
+    idle = len(config.cells()) - wrk
+    per_round = wrk * (config.duration + config.warmup + 0.3) + idle * (
+        2 + config.idle_connections / 2000
+    )
+    return 10 + config.rounds * per_round
+
+
+def run_benchmark(
+    config: BenchConfig, tools: Tools | None = None, out: TextIO = sys.stdout
+) -> Report:
+    """Start the upstream and every cell, drive them round after round, stop everything."""
+    tools = tools or find_tools(config)
+    if "haproxy" in config.proxies_used() and tools.haproxy is None:
+        raise tools_missing(["haproxy"])
+    if "upload" in config.scenarios and tools.echo_module is None:
+        raise tools_missing(["nginx echo module"])
+    report = Report(config=config, environment=collect_environment(tools))
+    cells_config = config.cells()
+    if any(s.kind == "idle" for s, _ in cells_config):
+        # The servers started below inherit the limit: each idle connection takes a
+        # descriptor here and one in the proxy (whose upstream connections are pooled).
+        raise_nofile_limit(config.idle_connections + FD_MARGIN)
+
+    def say(line: str = "") -> None:
+        print(line, file=out, flush=True)
+
+    with contextlib.ExitStack() as stack:
+        tmp = Path(tempfile.mkdtemp(prefix="zeitwork-bench-"))
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        # Entered after the temp dir, so exited first: processes stop before their dir goes.
+        procs = stack.enter_context(ProcessSet())
+
+        certificate = None
+        if any(s.scheme == "https" for s, _ in cells_config):
+            certificate = make_certificate(tmp / "certificate")
+        port = free_port()
+        upstream = start_upstream(procs, tools, tmp / "upstream", port)
+        wait_ready(upstream)
+        dsn = None
+        if "edge-pg" in config.proxies_used():
+            dsn = stack.enter_context(seeded_database(upstream.port))
+        # One set of processes per proxy and setup, shared by the scenarios that use it.
+        servers: dict[tuple[str, str], Server] = {}
+        cells = []
+        for scenario, proxy in cells_config:
+            setup = setup_of(scenario, proxy)
+            if (proxy, setup) not in servers:
+                servers[proxy, setup] = start_proxy(
+                    procs,
+                    tools,
+                    config,
+                    tmp / f"{proxy}-{setup}",
+                    scenario,
+                    proxy,
+                    upstream,
+                    certificate,
+                    dsn,
+                )
+            cells.append(Cell(scenario, proxy, servers[proxy, setup]))
+        ready: set[int] = set()
+        for cell in cells:
+            if cell.server.port not in ready:
+                wait_ready(cell.server, cell.scenario.scheme)
+                ready.add(cell.server.port)
+            check_scenario(cell.server, cell.scenario)
+        sessions = [upstream.proc.pid, *(server.proc.pid for server in servers.values())]
+        for cell in cells:
+            if cell.scenario.kind == "idle":
+                cell.baseline = session_memory(cell.server.proc.pid)
+        say(
+            f"upstream nginx on :{upstream.port}; "
+            + ", ".join(f"{s.name} on :{s.port}" for s in servers.values())
+        )
+        say(
+            f"wrk -t{WRK_THREADS} -c{config.connections} -d{config.duration}s --latency, "
+            f"{config.warmup} s warm-up per run, {config.rounds} round(s); about "
+            f"{estimated_seconds(config) / 60:.0f} min"
+        )
+        for round_no in range(1, config.rounds + 1):
+            for cell in cells:
+                measurement: Measurement | IdleMeasurement
+                if cell.scenario.kind == "idle":
+                    measurement = measure_idle(config, cell, round_no)
+                    report.idle.append(measurement)
+                else:
+                    measurement = measure_wrk(
+                        tools, config, cell, round_no, upstream, sessions, say
+                    )
+                    report.measurements.append(measurement)
+                say(
+                    f"round {round_no}, {cell.scenario.name} {cell.proxy}: {_describe(measurement)}"
+                )
+            say()
+            say(format_round_table(report, round_no))
+            say()
+        return report
 
 
 def _output(argv: list[str]) -> str:
@@ -960,315 +1135,53 @@ def collect_environment(tools: Tools) -> dict[str, str]:
     }
 
 
-def run_benchmark(
-    config: BenchConfig, tools: Tools | None = None, out: TextIO = sys.stdout
-) -> Report:
-    """Start the upstream and the targets, drive them with wrk, stop everything."""
-    tools = tools or find_tools(config.targets)
-    if HAPROXY_TARGETS & set(config.targets) and tools.haproxy is None:
-        raise tools_missing(["haproxy"])
-    report = Report(config=config, environment=collect_environment(tools))
-
-    def say(line: str = "") -> None:
-        print(line, file=out, flush=True)
-
-    with contextlib.ExitStack() as stack:
-        tmp = Path(tempfile.mkdtemp(prefix="zeitwork-bench-"))
-        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        # Entered after the temp dir, so exited first: processes stop before their dir goes.
-        procs = stack.enter_context(ProcessSet())
-
-        port = free_port()
-        cert = key = None
-        if TLS_TARGETS & set(config.targets):
-            cert, key = make_certificate(tmp / "certificate")
-        prefix = tmp / "upstream"
-        upstream = start_nginx(
-            procs, tools.nginx, "upstream", prefix, port, upstream_conf(prefix, port)
-        )
-        wait_ready(upstream)
-        servers: list[Server] = []
-        for name in config.targets:
-            port = free_port()
-            if name == "edge":
-                server = start_edge(procs, config.edge_cmd, tmp / "edge", port, upstream.port)
-            elif name == "edge-limited":
-                server = start_edge(
-                    procs,
-                    config.edge_cmd,
-                    tmp / "edge-limited",
-                    port,
-                    upstream.port,
-                    name="edge-limited",
-                    extra=("--rate-limit", UNREACHED_LIMIT),
-                )
-            elif name == "edge-pg":
-                dsn = stack.enter_context(seeded_database(upstream.port))
-                server = start_edge(
-                    procs, config.edge_cmd, tmp / "edge-pg", port, upstream.port, dsn, "edge-pg"
-                )
-            elif name in ("edge-tls", "edge-handshake"):
-                assert cert is not None and key is not None
-                https = free_port()
-                server = start_edge(
-                    procs,
-                    config.edge_cmd,
-                    tmp / name,
-                    port,
-                    upstream.port,
-                    name=name,
-                    extra=(
-                        *("--https-port", str(https), "--no-https-redirect"),
-                        *("--tls-cert", str(cert), "--tls-key", str(key)),
-                    ),
-                )
-                server.port = https
-            elif name in HAPROXY_TARGETS:
-                assert tools.haproxy is not None
-                tls = None
-                if name in TLS_TARGETS:
-                    assert cert is not None and key is not None
-                    tls = (cert, key)
-                server = start_haproxy(
-                    procs, tools.haproxy, name, tmp / name, port, upstream.port, tls
-                )
-            elif name in ("nginx-tls", "nginx-handshake"):
-                assert cert is not None and key is not None
-                prefix = tmp / name
-                conf = nginx_tls_proxy_conf(prefix, port, upstream.port, cert, key)
-                server = start_nginx(procs, tools.nginx, name, prefix, port, conf)
-            else:
-                prefix = tmp / "nginx"
-                conf = nginx_proxy_conf(prefix, port, upstream.port)
-                server = start_nginx(procs, tools.nginx, "nginx", prefix, port, conf)
-            if name in TLS_TARGETS:
-                server.scheme = "https"
-                server.close = name in HANDSHAKE_TARGETS
-            wait_ready(server)
-            servers.append(server)
-        say(
-            f"upstream nginx on :{upstream.port}; "
-            + ", ".join(f"{s.name} on :{s.port}" for s in servers)
-        )
-        say(
-            f"wrk -t{WRK_THREADS} -c{config.connections} -d{config.duration}s --latency, "
-            f"{config.rounds} round(s), {config.warmup} s warm-up per run"
-        )
-
-        for round_no in range(1, config.rounds + 1):
-            for server in servers:
-                if config.warmup:
-                    warmup = run_wrk(
-                        tools.wrk,
-                        server.port,
-                        duration=config.warmup,
-                        connections=config.connections,
-                        scheme=server.scheme,
-                        close=server.close,
-                    )
-                    # Not counted, but a hint when the measured run then fails too.
-                    if (warm := parse_wrk_output(warmup)).errors:
-                        say(f"(warm-up of {server.name}: {warm.describe_errors()})")
-                cpu_before = session_cpu_seconds(server.proc.pid)
-                output = run_wrk(
-                    tools.wrk,
-                    server.port,
-                    duration=config.duration,
-                    connections=config.connections,
-                    scheme=server.scheme,
-                    close=server.close,
-                )
-                cpu_s = session_cpu_seconds(server.proc.pid) - cpu_before
-                # A target that crashed mid-run would otherwise show up as mere socket errors.
-                for proc in (server, upstream):
-                    proc.check_alive(f"during round {round_no} of {server.name}")
-                result = parse_wrk_output(output)
-                report.measurements.append(Measurement(round_no, server.name, result, cpu_s))
-                if result.errors:
-                    say(f"!! round {round_no}, {server.name}: {result.describe_errors()}")
-                    say(output.rstrip())
-            say()
-            say(format_round_table(report, round_no))
-        return report
-
-
-# --- output --------------------------------------------------------------------------------
-
-
-def format_ms(value: float) -> str:
-    return f"{value * 1000:.0f} µs" if value < 1 else f"{value:.2f} ms"
-
-
-def _rows(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        indent
-        + "  ".join(
-            cell.rjust(w) if i else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in [header, *rows]
-    ]
-    return "\n".join(lines)
-
-
-def format_per_core(value: float | None) -> str:
-    return "?" if value is None else f"{value:,.0f}"
-
-
-def format_round_table(report: Report, round_no: int) -> str:
-    rows = [
-        [
-            m.target,
-            f"{m.result.requests_per_sec:,.0f}",
-            format_per_core(m.per_core),
-            format_ms(m.result.p50_ms),
-            format_ms(m.result.p99_ms),
-            str(m.result.errors) + (" !!" if m.result.errors else ""),
-        ]
-        for m in report.measurements
-        if m.round == round_no
-    ]
-    text = f"round {round_no}/{report.config.rounds}\n" + _rows(
-        ["target", "req/s", "req/CPU-s", "p50", "p99", "errors"], rows
-    )
-    for edge, nginx in report.pairs():
-        ratios = report.ratios_by_round(edge, nginx)
-        if round_no in ratios:
-            text += f"\n  {edge}/{nginx} req/s: {ratios[round_no]:.2f}"
-            core = [
-                m.per_core
-                for name in (edge, nginx)
-                for m in report.measurements
-                if m.round == round_no and m.target == name
-            ]
-            if len(core) == 2 and core[0] and core[1]:
-                text += f", per core: {core[0] / core[1]:.2f}"
-    return text
-
-
-def format_summary(report: Report) -> str:
-    rows = []
-    for target in report.config.targets:
-        s = report.summary(target)
-        rows.append(
-            [
-                target,
-                f"{s.requests_per_sec:,.0f}",
-                format_per_core(s.per_core),
-                format_ms(s.p50_ms),
-                format_ms(s.p99_ms),
-                f"{s.runs_with_errors}/{s.runs}",
-            ]
-        )
-    text = "summary (medians over rounds)\n" + _rows(
-        ["target", "req/s", "req/CPU-s", "p50", "p99", "runs with errors"], rows
-    )
-    for edge, nginx in report.pairs():
-        if ratios := report.ratios(edge, nginx):
-            text += (
-                f"\n  {edge}/{nginx} req/s: {statistics.median(ratios):.2f} "
-                f"(median of per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})"
-            )
-        if core := report.core_ratios(edge, nginx):
-            text += (
-                f"\n  {edge}/{nginx} per core: {statistics.median(core):.2f} "
-                f"(median of per-round ratios {', '.join(f'{r:.2f}' for r in core)})"
-            )
-    if bad := report.runs_with_errors:
-        text += f"\n!! {len(bad)} measured run(s) had errors:" + "".join(
-            f"\n!!   round {m.round}, {m.target}: {m.result.describe_errors()}" for m in bad
-        )
-    return text
-
-
-def render_markdown(report: Report) -> str:
-    c, env = report.config, report.environment
-    lines = [
-        "## Proxy benchmark: edge vs nginx"
-        + (" and HAProxy" if HAPROXY_TARGETS & set(c.targets) else ""),
-        "",
-        f"`wrk -t{WRK_THREADS} -c{c.connections} -d{c.duration}s --latency`, {c.rounds} rounds "
-        f"interleaved, {c.warmup} s uncounted warm-up before each run. One worker per proxy; "
-        f"the upstream is one nginx worker answering `GET /` with a {len(UPSTREAM_BODY)}-byte "
-        "body over keep-alive connections. Figures are medians over the rounds."
-        + (
-            " TLS targets: https:// with the same ECDSA P-256 certificate; *-handshake sends "
-            "`Connection: close`, so each request is a new connection and full handshake."
-            if TLS_TARGETS & set(c.targets)
-            else ""
-        ),
-        "",
-        "| target | req/s | req/CPU-s | p50 | p99 | runs with errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for target in c.targets:
-        s = report.summary(target)
-        lines.append(
-            f"| {target} | {s.requests_per_sec:,.0f} | {format_per_core(s.per_core)} "
-            f"| {format_ms(s.p50_ms)} | {format_ms(s.p99_ms)} | {s.runs_with_errors}/{s.runs} |"
-        )
-    for edge, nginx in report.pairs():
-        if ratios := report.ratios(edge, nginx):
-            lines += [
-                "",
-                f"{edge}/{nginx} requests/s: **{statistics.median(ratios):.2f}** (median of "
-                f"the per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})",
-            ]
-        if core := report.core_ratios(edge, nginx):
-            lines[-1] += (
-                f"; per CPU core: **{statistics.median(core):.2f}** "
-                f"({', '.join(f'{r:.2f}' for r in core)})"
-            )
-    lines += [
-        "",
-        "| round | target | req/s | req/CPU-s | p50 | p99 | errors |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    lines += [
-        f"| {m.round} | {m.target} | {m.result.requests_per_sec:,.0f} "
-        f"| {format_per_core(m.per_core)} "
-        f"| {format_ms(m.result.p50_ms)} | {format_ms(m.result.p99_ms)} | {m.result.errors} |"
-        for m in report.measurements
-    ]
-    if bad := report.runs_with_errors:
-        lines += [
-            "",
-            f"**Warning: {len(bad)} measured run(s) had errors:** "
-            + "; ".join(f"round {m.round} {m.target}: {m.result.describe_errors()}" for m in bad),
-        ]
-    lines += [
-        "",
-        f"Machine: {env.get('cpu', '?')}, Linux {env.get('kernel', '?')}; "
-        f"Python {env.get('python', '?')}, {env.get('nginx', '?')}, "
-        + (f"{env.get('haproxy', '?')}, " if HAPROXY_TARGETS & set(c.targets) else "")
-        + f"{env.get('wrk', '?')}; "
-        f"commit {env.get('commit', '?')}, {env.get('date', '?')}. "
-        "Produced by `python -m bench.proxy`; wrk, the proxies and the upstream share the "
-        "machine's CPUs. req/CPU-s: requests per CPU-second used by the proxy's processes "
-        "during the run (what one core would serve).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 # --- command line --------------------------------------------------------------------------
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    defaults = BenchConfig(edge_cmd=default_edge_cmd())
     parser = argparse.ArgumentParser(
-        prog="python -m bench.proxy",
-        description="Benchmark the Zeitwork edge against nginx (and HAProxy) as reverse "
-        "proxies with wrk.",
+        prog="python -m bench",
+        description="The proxy benchmark suite: the Zeitwork edge beside nginx and HAProxy, "
+        "every scenario with every proxy, interleaved rounds of wrk.",
     )
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
-    parser.add_argument("--connections", type=int, default=50, help="wrk connections")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    parser.add_argument("--warmup", type=int, default=2, help="uncounted seconds before a run")
     parser.add_argument(
-        "--targets",
-        default=",".join(DEFAULT_TARGETS),
-        help="comma-separated, among " + ",".join(TARGETS),
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help="comma-separated, among " + ",".join(SCENARIOS) + " (default: all)",
+    )
+    parser.add_argument(
+        "--proxies",
+        default=None,
+        help="comma-separated, among "
+        + ",".join(PROXIES)
+        + " (default: each scenario's own; edge-pg only in keepalive, haproxy not in limited)",
+    )
+    parser.add_argument(
+        "--duration", type=int, default=defaults.duration, help="seconds per measured run"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=defaults.connections, help="wrk connections"
+    )
+    parser.add_argument("--rounds", type=int, default=defaults.rounds, help="interleaved rounds")
+    parser.add_argument(
+        "--warmup", type=int, default=defaults.warmup, help="uncounted seconds before a run"
+    )
+    parser.add_argument(
+        "--idle-connections",
+        type=int,
+        default=defaults.idle_connections,
+        help="connections held open in the idle scenario",
+    )
+    parser.add_argument(
+        "--disturbed-cores",
+        type=float,
+        default=defaults.disturbed_cores,
+        help="a run is disturbed when other processes used more cores than this on average",
     )
     parser.add_argument(
         "--edge-cmd",
@@ -1276,7 +1189,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="command that runs the zeitwork CLI (default: the venv's zeitwork)",
     )
     parser.add_argument(
-        "--output", type=Path, default=DEFAULT_OUTPUT, help="Markdown summary written here"
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help="Markdown written here, and the chart beside it as .png (default: %(default)s)",
     )
     return parser.parse_args(argv)
 
@@ -1284,6 +1200,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _raise_system_exit(signum: int, _frame: FrameType | None) -> None:
     # Turns SIGTERM/SIGHUP into an exception so the cleanup in finally blocks runs.
     raise SystemExit(128 + signum)
+
+
+def write_results(report: Report, output: Path) -> Path:
+    """Write the Markdown to ``output`` and the chart beside it; the chart's path."""
+    # Imported here: matplotlib is slow to import and only this needs it.
+    from bench.chart import render_chart  # noqa: PLC0415
+
+    chart = output.with_suffix(".png")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    render_chart(report, chart)
+    output.write_text(render_markdown(report, chart=chart.name))
+    return chart
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1294,29 +1222,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
+    started = time.monotonic()
     try:
         config = BenchConfig(
+            scenarios=_names(args.scenarios),
+            proxies=_names(args.proxies) if args.proxies is not None else None,
             duration=args.duration,
             connections=args.connections,
             rounds=args.rounds,
             warmup=args.warmup,
-            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+            idle_connections=args.idle_connections,
+            disturbed_cores=args.disturbed_cores,
             edge_cmd=tuple(shlex.split(args.edge_cmd)),
         )
-        report = run_benchmark(config, find_tools(config.targets))
+        report = run_benchmark(config, find_tools(config))
     except BenchError as exc:
-        print(f"bench.proxy: error: {exc}", file=sys.stderr)
+        print(f"bench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("bench.proxy: interrupted; every process it started was stopped", file=sys.stderr)
+        print("bench: interrupted; every process it started was stopped", file=sys.stderr)
         return 130
-    print()
     print(format_summary(report))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(render_markdown(report))
-    print(f"\nMarkdown summary written to {args.output}")
-    if report.runs_with_errors:
-        print("bench.proxy: some runs had errors, see above", file=sys.stderr)
+    chart = write_results(report, args.output)
+    print(f"\nMarkdown written to {args.output}, chart to {chart}")
+    print(f"wall time {(time.monotonic() - started) / 60:.1f} min")
+    if report.failed:
+        print("bench: some runs failed, see above", file=sys.stderr)
         return 1
     return 0
 
