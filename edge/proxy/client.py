@@ -21,6 +21,7 @@ from edge import accesslog
 from edge.proxy.http import (
     ACME_CHALLENGE,
     ALLOWED_METHODS,
+    CLOSED_REQUEST_PARSER,
     CONTINUE_100,
     HOP_BY_HOP,
     VIA_TOKEN,
@@ -234,6 +235,7 @@ class ClientConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.parser = CLOSED_REQUEST_PARSER
         self.worker.clients.discard(self)
         self._release_all()
 

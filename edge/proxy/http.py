@@ -10,6 +10,8 @@ import asyncio
 from http import HTTPStatus
 from typing import Final, cast
 
+import httptools
+
 # Connection-specific headers (RFC 9110 7.6.1) plus the legacy ones proxies must not forward.
 # Content-Length and Transfer-Encoding are re-derived from the framing the proxy chooses.
 HOP_BY_HOP = frozenset(
@@ -39,6 +41,17 @@ def as_protocol(protocol: object) -> asyncio.BaseProtocol:
     protocol methods without subclassing :class:`asyncio.Protocol` (mypyc compiles them, and
     a compiled class cannot subclass an interpreted one)."""
     return cast(asyncio.BaseProtocol, protocol)
+
+
+class _NoCallbacks:
+    """A parser's protocol that wants no callbacks."""
+
+
+# What a closed connection holds instead of its parser: the parser's callbacks are bound
+# methods of the connection, a reference cycle that would leave every closed connection to
+# the cyclic garbage collector instead of freeing it at once.
+CLOSED_REQUEST_PARSER: Final = httptools.HttpRequestParser(_NoCallbacks())
+CLOSED_RESPONSE_PARSER: Final = httptools.HttpResponseParser(_NoCallbacks())
 
 
 def connection_options(value: bytes) -> list[bytes]:

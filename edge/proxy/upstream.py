@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 
 from edge import metrics
-from edge.proxy.http import HOP_BY_HOP, VIA_TOKEN, as_protocol, connection_options, drop_fields
+from edge.proxy.http import (
+    CLOSED_RESPONSE_PARSER,
+    HOP_BY_HOP,
+    VIA_TOKEN,
+    as_protocol,
+    connection_options,
+    drop_fields,
+)
 from edge.routing import Address
 
 if TYPE_CHECKING:
@@ -234,6 +241,7 @@ class UpstreamConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.parser = CLOSED_RESPONSE_PARSER
         self.worker.upstreams.discard(self)
         ex = self.ex
         self.pool.discard(self)
