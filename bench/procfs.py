@@ -123,11 +123,13 @@ def is_disturbed(cores: float, threshold: float = DISTURBED_CORES) -> bool:
 
 @dataclass(frozen=True)
 class Memory:
-    """Memory of a session's processes in bytes: summed Pss and summed Rss."""
+    """Memory of a session's processes in bytes: summed Pss, summed Rss and the Rss of the
+    largest process (a proxy's worker, which holds the connections)."""
 
     pss: int
     rss: int
     processes: int
+    largest_rss: int = 0
 
 
 def _rollup_bytes(text: str) -> tuple[int, int]:
@@ -142,11 +144,12 @@ def _rollup_bytes(text: str) -> tuple[int, int]:
 
 def session_memory(session: int) -> Memory:
     """Summed Pss and Rss of the live processes of ``session``."""
-    pss = rss = processes = 0
+    pss = rss = processes = largest = 0
     for stat in PROC.glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             if int(stat.read_text().rpartition(")")[2].split()[3]) != session:
                 continue
             p, r = _rollup_bytes((stat.parent / "smaps_rollup").read_text())
             pss, rss, processes = pss + p, rss + r, processes + 1
-    return Memory(pss=pss, rss=rss, processes=processes)
+            largest = max(largest, r)
+    return Memory(pss=pss, rss=rss, processes=processes, largest_rss=largest)

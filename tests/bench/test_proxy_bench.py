@@ -434,6 +434,8 @@ def test_idle_connections_cost_memory(suite: SuiteRun) -> None:
         assert m.after.processes >= (1 if m.proxy == "haproxy" else 2), m.proxy
         assert m.after.pss > 0, m.proxy
         assert m.after.rss >= m.after.pss, m.proxy
+        # One process's Rss: at most the sum, and more than an even share of it.
+        assert m.after.rss >= m.after.largest_rss >= m.after.rss / m.after.processes, m.proxy
 
 
 @pytest.mark.needs_tool("nginx")
@@ -534,3 +536,4 @@ def test_proxy_that_does_not_start_is_a_clear_error(
 def test_session_memory_of_this_process() -> None:
     memory = session_memory(os.getsid(0))
     assert memory.processes >= 1 and memory.rss >= memory.pss > 0
+    assert memory.rss >= memory.largest_rss > 0
