@@ -43,6 +43,7 @@ from edge import metrics
 from edge.config import EdgeConfig
 from edge.leader import LeaderLock
 from edge.live_routes import LiveRoutes, PostgresRouteProvider
+from edge.malloc import steady_heap
 from edge.proxy.worker import ProxyWorker, listen_socket
 from edge.ratelimit import Limiter
 from edge.routing import FileRouteProvider, RouteProvider, RoutesError
@@ -95,6 +96,7 @@ def worker_main(
     # loads everything afresh anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    steady_heap()
     code = uvloop.run(_serve_worker(config, index, installed, metrics_block))
     sys.exit(code)
 
