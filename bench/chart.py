@@ -3,7 +3,8 @@
 One PNG, drawn with matplotlib's Agg canvas (no display, no pyplot state): on the left a
 grouped bar chart of each proxy's requests per CPU-second (medians, log scale: the
 scenarios span from thousands of new TLS handshakes to tens of thousands of small requests),
-on the right the memory of each proxy holding the idle connections, with the edge's goal.
+on the right the Rss of the process of each proxy that holds the idle connections (its
+worker), with the edge's goal.
 """
 
 from __future__ import annotations
@@ -85,13 +86,13 @@ def render_chart(report: Report, path: Path) -> None:
     if idle:
         ax = axes.pop(0)
         summaries = [report.idle_summary(p) for p in idle]
-        values = [s.after_pss / MB for s in summaries if s is not None]
+        values = [s.after_largest_rss / MB for s in summaries if s is not None]
         bars = ax.bar(idle, values, color=[COLOURS.get(p) for p in idle])
         ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8, padding=1)
         ax.axhline(IDLE_GOAL_BYTES / MB, color="red", linestyle="--", linewidth=1)
         ax.text(-0.4, IDLE_GOAL_BYTES / MB, "edge goal", color="red", fontsize=8, va="bottom")
         count = next(s.connections for s in summaries if s is not None)
-        ax.set_ylabel("MB (Pss of the proxy's processes)")
+        ax.set_ylabel("MB (Rss of the worker holding them)")
         ax.set_title(f"Memory with {count:,} idle connections", fontsize=10)
         ax.set_ylim(0, max([*values, IDLE_GOAL_BYTES / MB]) * 1.15)
 
