@@ -60,6 +60,11 @@ def _testssl() -> str:
     return shutil.which("testssl.sh") or shutil.which("testssl") or require_tool("testssl.sh")
 
 
+# Findings about testssl's own tools, not the server: an OpenSSL built without engines
+# (Debian's current one) only means testssl cannot try GOST suites on any server.
+ABOUT_THE_SCANNER = frozenset({"engine_problem"})
+
+
 @pytest.mark.needs_tool("testssl.sh")
 def test_testssl_finds_only_modern_tls_and_no_vulnerability(
     edge: StartEdge, upstream: ThreadUpstream, ca: CA, tmp_path: Path
@@ -118,6 +123,10 @@ def test_testssl_finds_only_modern_tls_and_no_vulnerability(
     assert findings["ALPN"]["finding"] == "http/1.1"
     for name in VULNERABILITIES:
         assert findings[name]["severity"] == "OK", findings[name]
-    worse = [f for f in findings.values() if f["severity"] not in ACCEPTABLE]
+    worse = [
+        f
+        for f in findings.values()
+        if f["severity"] not in ACCEPTABLE and f["id"] not in ABOUT_THE_SCANNER
+    ]
     assert not worse, f"{worse}\n{output}"
     assert took < 90, f"testssl took {took:.0f}s"
