@@ -45,7 +45,7 @@ from josepy.jwk import JWK, JWKEC
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from edge.config import LETS_ENCRYPT
-from edge.leader import Leadership, Notifications
+from edge.leader import Leadership, Notifications, cancel_task
 from edge.ratelimit import LogThrottle
 from edge.secrets import SecretError, decrypt, encrypt
 from edge.store import acme as store
@@ -332,11 +332,8 @@ class CertificateManager:
 
     async def stop(self) -> None:
         """Stop the loop; an ACME request in flight finishes in its thread, unrecorded."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         await self._drop_listener()
 
     def wake(self) -> None:

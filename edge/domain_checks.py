@@ -15,7 +15,6 @@ a platform with many domains spreads its checks over the interval.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +23,7 @@ from uuid import UUID
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from edge import dns
-from edge.leader import Leadership
+from edge.leader import Leadership, cancel_task
 from edge.store import domains
 from edge.store.errors import TRANSLATED, StoreError, translate, translated
 
@@ -80,11 +79,8 @@ class DomainChecker:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="domain-checks")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         # A pass every tenth of the interval: each domain is looked at about once an interval.

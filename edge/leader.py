@@ -24,6 +24,15 @@ from edge.store.errors import TRANSLATED, StoreError, translate
 
 log = logging.getLogger("edge.leader")
 
+
+async def cancel_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background loop's task (if any) and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 _FAILURES: tuple[type[BaseException], ...] = (StoreError, *TRANSLATED)
 
 # The advisory lock key of the platform's leader ("zeitwork" in ASCII, as a bigint).
@@ -63,10 +72,7 @@ class LeaderLock:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="leader-lock")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_task(self._task)
         await self._drop()
 
     async def _run(self) -> None:

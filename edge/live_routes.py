@@ -35,6 +35,7 @@ import random
 import time
 from typing import Any, Protocol
 
+from edge.leader import cancel_task
 from edge.routing import RoutesError, RoutingTable
 from edge.store.db import connect, describe_dsn
 from edge.store.errors import StoreError
@@ -191,10 +192,7 @@ class LiveRoutes:
     async def stop(self) -> None:
         """Stop following the database and close the connection (the table stays)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_task(task)
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             try:

@@ -25,7 +25,7 @@ from uuid import UUID
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from edge.leader import FencedLeadership, Notifications
+from edge.leader import FencedLeadership, Notifications, cancel_task
 from edge.ratelimit import LogThrottle
 from edge.store.errors import TRANSLATED, Conflict, StoreError, translate
 from edge.store.scheduling import apply_plan, load_snapshot
@@ -109,11 +109,8 @@ class SchedulerLoop:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         await self._notifications.drop()
 
     def wake(self) -> None:

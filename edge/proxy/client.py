@@ -30,6 +30,7 @@ from edge.proxy.http import (
     drop_fields,
     error_response,
     https_location,
+    length_mask,
 )
 
 if TYPE_CHECKING:
@@ -77,9 +78,8 @@ REQUEST_SPECIAL = {
     b"via": _H_VIA,
 }
 
-# Bit n is set when some special field's name has n bytes: most fields (User-Agent aside)
-# are told ordinary by their length alone, without lowering and hashing the name.
-_SPECIAL_LENGTHS: Final = sum(1 << n for n in {len(name) for name in REQUEST_SPECIAL})
+# Most fields (User-Agent aside) are told ordinary by the length of their name alone.
+_SPECIAL_LENGTHS: Final = length_mask(REQUEST_SPECIAL)
 
 
 class Exchange:

@@ -7,6 +7,7 @@ way of writing a response the proxy generates itself.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Final, cast
 
@@ -52,6 +53,12 @@ class _NoCallbacks:
 # the cyclic garbage collector instead of freeing it at once.
 CLOSED_REQUEST_PARSER: Final = httptools.HttpRequestParser(_NoCallbacks())
 CLOSED_RESPONSE_PARSER: Final = httptools.HttpResponseParser(_NoCallbacks())
+
+
+def length_mask(names: Iterable[bytes]) -> int:
+    """Bit n set when one of ``names`` has n bytes: a field whose name's bit is clear is none
+    of them, told without lowering and hashing the name."""
+    return sum(1 << n for n in {len(name) for name in names})
 
 
 def connection_options(value: bytes) -> list[bytes]:

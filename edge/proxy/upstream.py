@@ -25,6 +25,7 @@ from edge.proxy.http import (
     as_protocol,
     connection_options,
     drop_fields,
+    length_mask,
 )
 from edge.routing import Address
 
@@ -59,9 +60,8 @@ RESPONSE_SPECIAL = {
     b"via": _R_VIA,
     b"strict-transport-security": _R_HSTS,
 }
-# Bit n is set when some special field's name has n bytes (Date, Server, Content-Type ...
-# are told ordinary by their length alone).
-_SPECIAL_LENGTHS: Final = sum(1 << n for n in {len(name) for name in RESPONSE_SPECIAL})
+# Date, Server, Content-Type ... are told ordinary by the length of their name alone.
+_SPECIAL_LENGTHS: Final = length_mask(RESPONSE_SPECIAL)
 
 MAX_RESPONSE_HEAD: Final = 64 * 1024
 _STATUS_200: Final = b"HTTP/1.1 200 OK\r\n"

@@ -6,19 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 import uvloop
 
 from edge.config import EdgeConfig, ProxyLimits, TlsConfig
 from edge.proxy.worker import ProxyWorker, listen_socket
 from edge.routing import FileRouteProvider, RoutingTable, parse_routes_document
 from edge.tls import CertificateStore, load_files, load_pem
-from tests.harness import HOST, Handler, Upstream, echo_handler
+from tests.harness import HOST
+from tests.integration import conftest as integration_conftest
 from tests.tls.certs import CA, Leaf
 
 APPS = "zeitwork.app"
@@ -32,27 +32,18 @@ def pytest_asyncio_loop_factories(
     return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
 
 
+def https_args(port: int, cert: Path, key: Path) -> tuple[str, ...]:
+    """The edge's flags for HTTPS on ``port`` with the certificate files ``cert``/``key``."""
+    return ("--https-port", str(port), "--tls-cert", str(cert), "--tls-key", str(key))
+
+
+# The integration tests' fixture, shared (a fixture imported into a conftest is one here).
+upstream = integration_conftest.upstream
+
+
 @pytest.fixture(scope="session")
 def ca() -> CA:
     return CA()
-
-
-StartUpstream = Callable[..., Awaitable[Upstream]]
-
-
-@pytest_asyncio.fixture
-async def upstream() -> AsyncIterator[StartUpstream]:
-    """``await upstream(handler)`` starts an :class:`Upstream`; all are stopped afterwards."""
-    started: list[Upstream] = []
-
-    async def start(handler: Handler = echo_handler) -> Upstream:
-        up = await Upstream(handler).start()
-        started.append(up)
-        return up
-
-    yield start
-    for up in started:
-        await up.stop()
 
 
 @dataclass

@@ -37,6 +37,7 @@ from tests.integration.test_process import (
 )
 from tests.live_routes.seed import Seed
 from tests.tls.certs import CA, Leaf
+from tests.tls.conftest import https_args
 from tests.tls.traffic import SteadyTraffic, fetch_fresh
 
 APP = "app.zeitwork.app"
@@ -73,12 +74,7 @@ def test_certificate_files_replaced_under_traffic(
     https = free_port()
     process = edge(
         {APP: [upstream.address]},
-        "--https-port",
-        str(https),
-        "--tls-cert",
-        str(cert_file),
-        "--tls-key",
-        str(key_file),
+        *https_args(https, cert_file, key_file),
         "--no-https-redirect",
         workers=2,
     )
@@ -112,12 +108,7 @@ def test_bad_certificate_files_keep_the_current_one(
     https = free_port()
     process = edge(
         {APP: [upstream.address]},
-        "--https-port",
-        str(https),
-        "--tls-cert",
-        str(cert_file),
-        "--tls-key",
-        str(key_file),
+        *https_args(https, cert_file, key_file),
         workers=2,
     )
     ctx = ca.client_context()

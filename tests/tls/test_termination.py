@@ -16,8 +16,9 @@ import pytest
 from edge import metrics
 from edge.tls import load_files, load_pem
 from tests.harness import HOST, Client, Response, get
+from tests.integration.conftest import StartUpstream
 from tests.tls.certs import CA, no_verify_context, peer_serial
-from tests.tls.conftest import APPS, StartUpstream, TlsEdge, tls_edge
+from tests.tls.conftest import APPS, TlsEdge, tls_edge
 
 pytestmark = pytest.mark.asyncio
 

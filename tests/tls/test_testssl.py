@@ -18,6 +18,7 @@ from tests.harness import HOST, free_port
 from tests.integration import test_process as integration
 from tests.integration.test_process import StartEdge, ThreadUpstream
 from tests.tls.certs import CA
+from tests.tls.conftest import https_args
 
 APP = "app.zeitwork.app"
 
@@ -74,12 +75,7 @@ def test_testssl_finds_only_modern_tls_and_no_vulnerability(
     https = free_port()
     edge(
         {APP: [upstream.address]},
-        "--https-port",
-        str(https),
-        "--tls-cert",
-        str(cert_file),
-        "--tls-key",
-        str(key_file),
+        *https_args(https, cert_file, key_file),
     )
     report = tmp_path / "testssl.json"
     started = time.monotonic()
