@@ -10,11 +10,11 @@ from uuid import UUID
 import pytest
 
 from edge.store import domains
-from tests.acme.pebble import Pebble, dns_zone, free_port, running_pebble
+from tests.acme.pebble import Pebble, free_port, running_pebble
 
 # The admin API fixture, re-exported for these tests.
 from tests.admin.conftest import AdminClient, admin  # noqa: F401
-from tests.admin.test_domains import Zone, make_project
+from tests.admin.test_domains import Zone, dns_zone, make_project
 
 SECRET = "test certificate secret, 32 chars"
 

@@ -28,11 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 # dnslib has no type information.
-from dnslib.server import DNSLogger, DNSServer  # type: ignore[import-untyped, unused-ignore]
-
 from edge import localca
 from edge.store import acme as acme_store
-from tests.admin.test_domains import Zone
 from tests.conftest import require_tool
 
 HOST = "127.0.0.1"
@@ -162,20 +159,6 @@ def running_pebble(directory: Path, *, dns_port: int, http_port: int) -> Iterato
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
-
-
-@contextlib.contextmanager
-def dns_zone() -> Iterator[tuple[Zone, int]]:
-    """A DNS server on loopback (UDP and TCP on one free port) answering from a Zone."""
-    resolver = Zone()
-    server = DNSServer(resolver, address=HOST, port=0, logger=DNSLogger(logf=lambda _: None))
-    server.start_thread()
-    try:
-        yield resolver, int(server.server.server_address[1])
-    finally:
-        server.stop()
-        server.server.server_close()
-        server.thread.join()
 
 
 @contextlib.asynccontextmanager

@@ -20,10 +20,11 @@ from cryptography.hazmat.primitives import serialization
 from edge.acme import CertificateManager
 from edge.store import certificates
 from tests.acme.conftest import SECRET, verified_domain
-from tests.acme.pebble import HOST, Pebble, dns_zone, free_port, running_pebble
+from tests.acme.pebble import HOST, Pebble, free_port, running_pebble
 from tests.acme.test_issuance import check_stored, settings_for
 from tests.admin.conftest import AdminClient
 from tests.admin.process import EdgeProcess, running_edge
+from tests.admin.test_domains import dns_zone
 
 pytestmark = pytest.mark.needs_tool("pebble")
 

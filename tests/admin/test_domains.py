@@ -3,6 +3,7 @@ server on loopback (dnslib, run by the test) through c-ares."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import time
@@ -51,8 +52,9 @@ class Zone(BaseResolver):  # type: ignore[misc, unused-ignore]
         return reply
 
 
-@pytest.fixture
-def zone() -> Iterator[tuple[Zone, int]]:
+@contextlib.contextmanager
+def dns_zone() -> Iterator[tuple[Zone, int]]:
+    """A DNS server on loopback (UDP and TCP on one free port) answering from a Zone."""
     resolver = Zone()
     server = DNSServer(resolver, address="127.0.0.1", port=0, logger=DNSLogger(logf=lambda _: None))
     server.start_thread()
@@ -62,6 +64,12 @@ def zone() -> Iterator[tuple[Zone, int]]:
         server.stop()
         server.server.server_close()
         server.thread.join()
+
+
+@pytest.fixture
+def zone() -> Iterator[tuple[Zone, int]]:
+    with dns_zone() as found:
+        yield found
 
 
 @pytest.fixture
