@@ -155,7 +155,9 @@ async def register_node(call: Call) -> RegisteredNode:
         )
         token = new_node_token(node.id)
         await nodes.set_token_hash(conn, node.id, hash_token(token))
-    usage = await nodes.get_usage(pool, node.id)
+        # In the same transaction: a node removed right after it commits must not turn its
+        # own registration into a 404.
+        usage = await nodes.get_usage(conn, node.id)
     return RegisteredNode.model_validate({**node_out(usage), "token": token})
 
 
