@@ -397,11 +397,14 @@ def test_redirect_challenges_hsts_and_metrics(
             if s.name.startswith("zeitwork_tls_")
         }
 
-    wait_for(
-        lambda: scraped().get("zeitwork_tls_handshake_failures_total{protocol}", 0) >= 1,
-        5,
-        "the failed handshake in the metrics",
-    )
+    def published(samples: dict[str, float]) -> bool:
+        # Each worker publishes its counts about once a second, each on its own tick.
+        return (
+            samples.get("zeitwork_tls_handshake_failures_total{protocol}", 0) >= 1
+            and samples.get("zeitwork_tls_handshakes_total", 0) >= 10
+        )
+
+    wait_for(lambda: published(scraped()), 5, "the handshakes in the metrics")
     samples = scraped()
     assert samples["zeitwork_tls_handshakes_total"] >= 10, samples
     assert set(samples) == {"zeitwork_tls_handshakes_total"} | {
